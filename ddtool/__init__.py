@@ -1,0 +1,32 @@
+"""ddtool: distill a network trained with dropout into a deterministic one that predicts like
+its Monte-Carlo-dropout ensemble (Bulo, Porzi & Kontschieder, "Dropout distillation", ICML 2016).
+
+The Python API, one function per stage of the data path::
+
+    import ddtool
+    teacher = ddtool.load_model("model.pt", arch="net.py:build")    # checkpoint -> module
+    ddtool.find_dropout(teacher.model)                               # dropout sites
+    pre = ddtool.resolve_preprocess(teacher.model)
+    data = ddtool.read_folder("unlabelled/", pre)                    # folder -> tensors
+    result = ddtool.distill(teacher.model, data.x, pre)              # Algorithm 2
+    report = ddtool.evaluate(teacher.model, ddtool.read_folder("test/", pre), pre,
+                             distilled={"distilled": result.student})
+    ddtool.export(result.student, "model.onnx", "onnx", input_shape=(1, 28, 28))
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import LoadedModel, load_model, save_bundle
+from .data import Inputs, Preprocess, read_folder, resolve_preprocess
+from .distill import DistillConfig, DistillResult, distill, kl_loss
+from .dropout import DropoutSite, find_dropout, mc_average, mc_mode
+from .errors import DDToolError
+from .evaluate import EvalReport, evaluate
+from .export import ExportResult, export
+
+__all__ = [
+    "DDToolError", "DistillConfig", "DistillResult", "DropoutSite", "EvalReport", "ExportResult",
+    "Inputs", "LoadedModel", "Preprocess", "__version__", "distill", "evaluate", "export",
+    "find_dropout", "kl_loss", "load_model", "mc_average", "mc_mode", "read_folder",
+    "resolve_preprocess", "save_bundle",
+]

@@ -1,0 +1,314 @@
+"""The ``ddtool`` command line: each command parses its options, calls the API, and prints.
+
+Errors a user can cause arrive as :class:`ddtool.errors.DDToolError` and leave as one line on
+stderr and the exit code of their type (see the README's table); ``--debug`` shows the traceback.
+Tables and ``--json`` documents go to stdout, progress and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .checkpoint import BUNDLE_NAME, load_model, parse_arch_args, save_bundle
+from .data import read_folder, resolve_preprocess
+from .distill import DistillConfig, distill as run_distill
+from .dropout import find_dropout, require_dropout
+from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, UsageError
+from .evaluate import evaluate as run_evaluate
+from .export import FORMATS, export as run_export
+from .files import check_output, write_text
+
+app = typer.Typer(
+    help="Distill a network trained with dropout into a deterministic one that predicts like its MC-dropout ensemble.",
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+_debug = False
+
+# ----------------------------------------------------------------------------- shared options
+Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint: state dict (+ --arch), TorchScript archive, or ddtool bundle / distill --out folder.", show_default=False)]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state dict: path/to/file.py:factory or package.module:factory.")]
+ArchArgs = Annotated[Optional[str], typer.Option("--arch-args", help="Keyword arguments for the --arch factory, as a JSON object.")]
+Data = Annotated[Path, typer.Option("--data", help="Folder of inputs (images, searched recursively; class subfolders = labels).", show_default=False)]
+Channels = Annotated[Optional[int], typer.Option("--channels", help="Input channels: 1 (grayscale) or 3 (RGB). Default: the bundle's, else the first conv's.")]
+Size = Annotated[Optional[str], typer.Option("--size", help="Resize inputs to H,W. Default: the bundle's, else each image's own size.")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted from [0,1] pixels, comma-separated. Default: bundle's, else 0.")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std dividing [0,1] pixels, comma-separated. Default: bundle's, else 1.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace outputs that already exist.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for dropout masks, data order and perturbations.")]
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str | None, name: str, count: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count or min(values) < 1:
+        raise UsageError(f"{name} must be {count} positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _load(checkpoint: Path, arch: str | None, arch_args: str | None):
+    return load_model(checkpoint, arch=arch, arch_args=parse_arch_args(arch_args))
+
+
+def _preprocess(loaded, channels, size, mean, std):
+    return resolve_preprocess(loaded.model, loaded.preprocess, channels, _ints(size, "--size", 2),
+                              _floats(mean, "--mean"), _floats(std, "--std"))
+
+
+def _emit_json(doc: dict) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def handles_errors(fn):
+    """Turn ddtool's errors into one line on stderr and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DDToolError as err:
+            if _debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug in ddtool, not the user's doing
+            if _debug:
+                raise
+            print(f"error: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ddtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Distill a dropout network into a deterministic one that predicts like MC dropout."""
+    global _debug
+    _debug = debug
+
+
+# ----------------------------------------------------------------------------- inspect
+@app.command()
+@handles_errors
+def inspect(checkpoint: Checkpoint, arch: Arch = None, arch_args: ArchArgs = None, as_json: Json = False) -> None:
+    """List the dropout layers found in a checkpoint (name, type, p)."""
+    loaded = _load(checkpoint, arch, arch_args)
+    sites = find_dropout(loaded.model)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    if as_json:
+        _emit_json({"checkpoint": str(checkpoint), "format": loaded.format, "arch": loaded.arch,
+                    "parameters": params, "dropout": [s.as_dict() for s in sites]})
+    else:
+        table = Table(title=f"{checkpoint} ({loaded.format}, {params:,} parameters)")
+        for col in ("name", "type", "p"):
+            table.add_column(col)
+        for s in sites:
+            table.add_row(s.name, s.kind, f"{s.p:g}")
+        out.print(table)
+    require_dropout(loaded.model)  # after the report: no dropout is an error worth an exit code
+
+
+# ----------------------------------------------------------------------------- distill
+class DistillProgress:
+    """A rich progress bar on stderr, started at the first finished step (so an early error
+    prints only its own line) and stopped by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def __call__(self, done: int, total: int, info: dict) -> None:
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("distill epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=err_console,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("distill", total=total, epoch=info["epoch"], loss=info["loss"])
+        self.bar.update(self.task, completed=done, epoch=info["epoch"], loss=info["loss"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+@handles_errors
+def distill(
+    checkpoint: Checkpoint,
+    data: Data,
+    out_dir: Annotated[Path, typer.Option("--out", help=f"Folder for the distilled bundle ({BUNDLE_NAME}) and history.json.", show_default=False)],
+    arch: Arch = None,
+    arch_args: ArchArgs = None,
+    epochs: Annotated[int, typer.Option(help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
+    lr: Annotated[float, typer.Option(help="Base SGD learning rate.")] = DistillConfig.lr,
+    lr_drop_epoch: Annotated[int, typer.Option(help="Epoch from which the rate is lr/10.")] = DistillConfig.lr_drop_epoch,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = DistillConfig.momentum,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = DistillConfig.weight_decay,
+    batch_size: Annotated[int, typer.Option(help="Inputs per SGD step.")] = DistillConfig.batch_size,
+    teacher_samples: Annotated[int, typer.Option(help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
+    perturb: Annotated[float, typer.Option(help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
+    seed: Seed = DistillConfig.seed,
+    channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Distill the checkpoint into a deterministic student (Algorithm 2, KL loss)."""
+    bundle_path = check_output(out_dir / BUNDLE_NAME, force)
+    history_path = check_output(out_dir / "history.json", force)
+    config = DistillConfig(epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, momentum=momentum,
+                           weight_decay=weight_decay, batch_size=batch_size,
+                           teacher_samples=teacher_samples, perturb=perturb, seed=seed)
+    loaded = _load(checkpoint, arch, arch_args)
+    if loaded.arch is None:
+        raise CheckpointError(f"{loaded.format} teachers cannot be written as a bundle yet; load a state dict with --arch")
+    require_dropout(loaded.model)
+    pre = _preprocess(loaded, channels, size, mean, std)
+    inputs = read_folder(data, pre, labelled=False)
+    pre.size = pre.size or tuple(inputs.x.shape[2:])  # record the size the student was made for
+
+    progress = DistillProgress()
+    try:
+        result = run_distill(loaded.model, inputs.x, pre, config, progress=progress)
+    finally:
+        progress.close()
+    provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
+                  "teacher_format": loaded.format, "inputs": len(inputs), "settings": config.as_dict()}
+    save_bundle(bundle_path, result.student, arch=loaded.arch, arch_args=loaded.arch_args,
+                preprocess=pre.as_dict(), provenance=provenance, force=force)
+    write_text(history_path, json.dumps(result.history, indent=2) + "\n", force=force)
+    summary = {"bundle": str(bundle_path), "inputs": len(inputs), "skipped": inputs.skipped,
+               "history": result.history}
+    if as_json:
+        _emit_json(summary)
+    else:
+        last = result.history[-1]
+        out.print(f"distilled {len(inputs)} inputs x {config.epochs} epochs; final loss {last['loss']:.4f}; wrote {bundle_path}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+@app.command()
+@handles_errors
+def evaluate(
+    checkpoint: Checkpoint,
+    data: Data,
+    distilled: Annotated[Optional[list[Path]], typer.Option("--distilled", help="A distilled model (bundle or distill --out folder) to compare; repeatable.")] = None,
+    arch: Arch = None,
+    arch_args: ArchArgs = None,
+    mc_samples: Annotated[int, typer.Option(help="m: masked forward passes averaged by MC dropout.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass, the same for every method.")] = 256,
+    seed: Seed = 0,
+    channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    as_json: Json = False,
+) -> None:
+    """Compare standard dropout, MC dropout and distilled models on a folder."""
+    if mc_samples < 1 or batch_size < 1:
+        raise UsageError("--mc-samples and --batch-size must be at least 1")
+    teacher = _load(checkpoint, arch, arch_args)
+    students = {}
+    for path in distilled or []:
+        name = path.parent.name if path.name == BUNDLE_NAME else path.name
+        students[name if name not in students else str(path)] = _load(path, arch, arch_args)
+    recorded = next((s.preprocess for s in students.values() if s.preprocess), teacher.preprocess)
+    pre = resolve_preprocess(teacher.model, recorded, channels, _ints(size, "--size", 2),
+                             _floats(mean, "--mean"), _floats(std, "--std"))
+    inputs = read_folder(data, pre)
+    report = run_evaluate(teacher.model, inputs, pre, {k: v.model for k, v in students.items()},
+                          mc_samples=mc_samples, batch_size=batch_size, seed=seed)
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    kind = "labelled" if report.labelled else "unlabelled"
+    table = Table(title=f"{data}: {report.inputs} {kind} inputs, MC reference m={mc_samples}")
+    for col in ("method", "error %", "KL to MC", "agree w/ MC %", "ms / input", "passes"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in report.results:
+        table.add_row(r.method, _fmt(None if r.error is None else 100 * r.error, ".2f"), _fmt(r.kl_to_mc, ".4f"),
+                      _fmt(None if r.agreement is None else 100 * r.agreement, ".1f"),
+                      f"{r.ms_per_input:.3f}", str(r.forward_passes))
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+@handles_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="Model to export: a distill --out folder or bundle, or any checkpoint ddtool reads.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help=f"Export format: {' or '.join(FORMATS)} (TorchScript is deprecated in torch 2.13 but still works).")] = "onnx",
+    out_file: Annotated[Path, typer.Option("--out", help="File to write; kept only if it matches PyTorch.", show_default=False)] = ...,
+    arch: Arch = None,
+    arch_args: ArchArgs = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W. Default: the bundle's preprocessing.")] = None,
+    atol: Annotated[float, typer.Option(help="Largest absolute difference from PyTorch allowed in the parity check.")] = 1e-4,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Export a model to ONNX or TorchScript and check it against PyTorch at two batch sizes."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    check_output(out_file, force)
+    loaded = _load(model, arch, arch_args)
+    shape = _ints(input_shape, "--input-shape", 3)
+    if shape is None:
+        pre = loaded.preprocess
+        if not pre or not pre.get("size"):
+            raise UsageError("this checkpoint records no input shape; pass --input-shape C,H,W")
+        shape = (pre["channels"], *pre["size"])
+    result = run_export(loaded.model, out_file, fmt, input_shape=shape, atol=atol, force=force)
+    if as_json:
+        _emit_json(result.as_dict())
+    else:
+        out.print(f"wrote {result.path} ({fmt}); parity at batch {' and '.join(map(str, result.parity_batches))}: "
+                  f"max |diff| {result.max_abs_diff:.2e} <= {atol:g}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

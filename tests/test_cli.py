@@ -1,0 +1,139 @@
+"""Every command through typer's CliRunner: success, --json, and the user errors most likely to happen."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ARCH, NO_DROPOUT_ARCH, write_images
+from ddtool import __version__
+from ddtool.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code, text):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == f"ddtool {__version__}"
+    assert run("--help").exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["inspect", "distill", "evaluate", "export"])
+def test_every_option_has_a_help_line(command):
+    import typer.main
+
+    click_cmd = typer.main.get_command(app).commands[command]
+    assert click_cmd.help
+    for param in click_cmd.params:
+        assert getattr(param, "help", None), f"{command} {param.name} has no help"
+    assert run(command, "--help").exit_code == 0
+
+
+def test_inspect_table_and_json(tiny_ckpt):
+    result = run("inspect", tiny_ckpt, "--arch", ARCH)
+    assert result.exit_code == 0 and "Dropout" in result.stdout and "0.5" in result.stdout
+    doc = json.loads(run("inspect", tiny_ckpt, "--arch", ARCH, "--json").stdout)
+    assert doc["format"] == "state-dict" and [d["name"] for d in doc["dropout"]] == ["2", "7"]
+
+
+def test_inspect_missing_checkpoint(tmp_path):
+    assert_one_line_error(run("inspect", tmp_path / "missing.pt"), 3, "checkpoint not found")
+
+
+def test_inspect_state_dict_needs_arch(tiny_ckpt):
+    assert_one_line_error(run("inspect", tiny_ckpt), 3, "--arch")
+
+
+def test_inspect_model_without_dropout(no_dropout_ckpt):
+    assert_one_line_error(run("inspect", no_dropout_ckpt, "--arch", NO_DROPOUT_ARCH), 4, "no active dropout")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "missing.pt")])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_distill_evaluate_export_end_to_end(tmp_path, tiny_ckpt, unlabelled, labelled):
+    before = tiny_ckpt.read_bytes()
+    out = tmp_path / "distilled"
+    result = run("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", out,
+                 "--epochs", 2, "--lr-drop-epoch", 1, "--batch-size", 16, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["inputs"] == 48 and len(doc["history"]) == 2 and doc["history"][1]["lr"] == pytest.approx(0.001)
+    assert (out / "model.pt").is_file() and (out / "history.json").is_file()
+    assert tiny_ckpt.read_bytes() == before  # the input checkpoint is never written to
+
+    # the bundle needs no --arch from here on
+    result = run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", labelled, "--distilled", out, "--mc-samples", 5, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [r["method"] for r in report["results"]] == ["standard", "mc-5", "distilled"]
+    assert report["labelled"] and report["inputs"] == 30
+    table = run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", labelled, "--distilled", out, "--mc-samples", 5)
+    assert table.exit_code == 0 and "error %" in table.stdout and "distilled" in table.stdout
+
+    result = run("export", out, "--format", "onnx", "--out", tmp_path / "m.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # nothing but the document on stdout
+    assert doc["input_shape"] == [1, 8, 8] and doc["max_abs_diff"] <= 1e-4
+    result = run("export", out, "--format", "torchscript", "--out", tmp_path / "m.ts")
+    assert result.exit_code == 0 and "parity" in result.stdout
+
+
+def test_distill_refuses_to_overwrite(tmp_path, tiny_ckpt, unlabelled):
+    out = tmp_path / "d"
+    args = ("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", out, "--epochs", 1)
+    assert run(*args).exit_code == 0
+    stamp = (out / "model.pt").read_bytes()
+    assert_one_line_error(run(*args), 6, "--force")
+    assert (out / "model.pt").read_bytes() == stamp
+    assert run(*args, "--force").exit_code == 0
+
+
+def test_distill_folder_without_inputs(tmp_path, tiny_ckpt):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("nothing to see")
+    result = run("distill", tiny_ckpt, "--arch", ARCH, "--data", tmp_path / "empty", "--out", tmp_path / "o")
+    assert_one_line_error(result, 5, "no readable inputs")
+    assert not (tmp_path / "o" / "model.pt").exists()
+
+
+def test_distill_model_without_dropout(tmp_path, no_dropout_ckpt, unlabelled):
+    result = run("distill", no_dropout_ckpt, "--arch", NO_DROPOUT_ARCH, "--data", unlabelled, "--out", tmp_path / "o")
+    assert_one_line_error(result, 4, "no active dropout")
+
+
+def test_distill_inputs_of_the_wrong_size(tmp_path, tiny_ckpt):
+    write_images(tmp_path / "big", 4, size=12)
+    result = run("distill", tiny_ckpt, "--arch", ARCH, "--data", tmp_path / "big", "--out", tmp_path / "o")
+    assert_one_line_error(result, 8, "failed on inputs of shape")
+    assert run("distill", tiny_ckpt, "--arch", ARCH, "--data", tmp_path / "big", "--out", tmp_path / "o",
+               "--size", "8,8", "--epochs", 1).exit_code == 0
+
+
+def test_evaluate_unlabelled_folder(tiny_ckpt, unlabelled):
+    result = run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--mc-samples", 3, "--json")
+    report = json.loads(result.stdout)
+    assert not report["labelled"] and report["results"][0]["error"] is None and report["results"][0]["kl_to_mc"] >= 0
+
+
+def test_export_of_a_state_dict_needs_a_shape(tmp_path, tiny_ckpt):
+    assert_one_line_error(run("export", tiny_ckpt, "--arch", ARCH, "--out", tmp_path / "m.onnx"), 2, "--input-shape")
+    result = run("export", tiny_ckpt, "--arch", ARCH, "--out", tmp_path / "m.ts", "--format", "torchscript",
+                 "--input-shape", "1,8,8")
+    assert result.exit_code == 0
+
+
+def test_export_unknown_format(tmp_path, tiny_ckpt):
+    assert_one_line_error(run("export", tiny_ckpt, "--arch", ARCH, "--out", tmp_path / "m.x", "--format", "tflite"), 2, "--format")

@@ -1,0 +1,48 @@
+"""Exports are kept only after their parity check passes."""
+
+import onnx
+import pytest
+import torch
+
+from ddtool.errors import ExportError, OutputError
+from ddtool.export import export
+
+
+def test_onnx_export_has_dynamic_batch_and_matches(tmp_path, tiny_model):
+    out = tmp_path / "m.onnx"
+    result = export(tiny_model, out, "onnx", input_shape=(1, 8, 8))
+    assert result.max_abs_diff <= 1e-4 and result.parity_batches == [1, 64]
+    model = onnx.load(str(out))
+    assert not list(tmp_path.glob("*.data"))  # weights inside the one file
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_torchscript_export_reloads_and_matches(tmp_path, tiny_model):
+    out = tmp_path / "m.ts"
+    export(tiny_model, out, "torchscript", input_shape=(1, 8, 8))
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(torch.jit.load(str(out))(x), tiny_model.eval()(x), atol=1e-5)
+
+
+def test_failed_parity_writes_nothing_and_keeps_the_old_file(tmp_path, tiny_model):
+    out = tmp_path / "m.ts"
+    out.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="largest difference"):
+        export(tiny_model, out, "torchscript", input_shape=(1, 8, 8), atol=-1.0, force=True)
+    assert out.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.ts"]
+
+
+def test_existing_output_needs_force(tmp_path, tiny_model):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"x")
+    with pytest.raises(OutputError, match="--force"):
+        export(tiny_model, out, "onnx", input_shape=(1, 8, 8))
+
+
+def test_wrong_input_shape_is_an_export_error(tmp_path, tiny_model):
+    with pytest.raises(ExportError):
+        export(tiny_model, tmp_path / "m.ts", "torchscript", input_shape=(3, 8, 8))
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,24 @@
+"""Tiny seeded architectures for the tests; each is used as ``--arch tests/tiny_arch.py:NAME``."""
+
+from torch import nn
+
+
+def tiny(p: float = 0.5, classes: int = 3, channels: int = 1) -> nn.Sequential:
+    """An 8x8 conv net with dropout before a max-pool and before the classifier."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 3, padding=1), nn.ReLU(), nn.Dropout(p), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, classes),
+    )
+
+
+def no_dropout(classes: int = 3) -> nn.Sequential:
+    """The same network without dropout: nothing to distill."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, classes),
+    )
+
+
+def broken():
+    """A factory that raises, as a user's factory might."""
+    raise ValueError("unknown width 7")
