@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,10 +21,11 @@ from rich.table import Table
 
 from . import __version__
 from .checkpoint import BUNDLE_NAME, load_model, parse_arch_args, save_bundle
-from .data import read_folder, resolve_preprocess
+from .data import example_input, read_folder, resolve_preprocess
 from .distill import DistillConfig, distill as run_distill
 from .dropout import find_dropout, require_dropout
-from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, UsageError
+from .outputs import parse_select
+from .errors import EXIT_INTERRUPTED, DDToolError, UsageError
 from .evaluate import evaluate as run_evaluate
 from .export import FORMATS, export as run_export
 from .files import check_output, write_text
@@ -48,6 +50,10 @@ Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std divid
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace outputs that already exist.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for dropout masks, data order and perturbations.")]
+Trust = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickled full module (torch.save(model)); this runs code from the file.")]
+SampleDropPath = Annotated[bool, typer.Option("--sample-drop-path/--no-sample-drop-path", help="Also sample DropPath / stochastic depth in MC mode (default: off, reported only).")]
+Output = Annotated[Optional[str], typer.Option("--output", help="Which model output is the prediction: a name or an index. Default: logits, else the first tensor.")]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W (or any comma-separated dims).")]
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -59,20 +65,22 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
-def _ints(text: str | None, name: str, count: int) -> tuple[int, ...] | None:
+def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | None:
+    """Comma-separated positive integers; exactly ``count`` of them unless it is None."""
     if text is None:
         return None
     try:
         values = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         values = ()
-    if len(values) != count or min(values) < 1:
-        raise UsageError(f"{name} must be {count} positive integers separated by commas, got {text!r}")
+    if not values or (count and len(values) != count) or min(values) < 1:
+        what = f"{count} positive integers" if count else "positive integers"
+        raise UsageError(f"{name} must be {what} separated by commas, got {text!r}")
     return values
 
 
-def _load(checkpoint: Path, arch: str | None, arch_args: str | None):
-    return load_model(checkpoint, arch=arch, arch_args=parse_arch_args(arch_args))
+def _load(checkpoint: Path, arch: str | None, arch_args: str | None, trust: bool = False):
+    return load_model(checkpoint, arch=arch, arch_args=parse_arch_args(arch_args), trust=trust)
 
 
 def _preprocess(loaded, channels, size, mean, std):
@@ -131,24 +139,54 @@ def main_options(
 
 
 # ----------------------------------------------------------------------------- inspect
+def _example(loaded, input_shape, data, pre):
+    """An input to run the model on once: from --data, --input-shape, the format, or the bundle."""
+    if data is not None:
+        return pre.normalize(read_folder(data, pre, labelled=False, limit=2).x)
+    shape = _ints(input_shape, "--input-shape", None)
+    if shape:
+        return example_input(shape)
+    if loaded.example is not None:
+        return loaded.example
+    if loaded.preprocess and loaded.preprocess.get("size"):
+        return example_input((pre.channels, *pre.size))
+    return None
+
+
 @app.command()
 @handles_errors
-def inspect(checkpoint: Checkpoint, arch: Arch = None, arch_args: ArchArgs = None, as_json: Json = False) -> None:
-    """List the dropout layers found in a checkpoint (name, type, p)."""
-    loaded = _load(checkpoint, arch, arch_args)
-    sites = find_dropout(loaded.model)
+def inspect(
+    checkpoint: Checkpoint,
+    arch: Arch = None,
+    arch_args: ArchArgs = None,
+    input_shape: InputShape = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Run the model on the first input of this folder to find functional dropout.")] = None,
+    sample_drop_path: SampleDropPath = False,
+    trust_checkpoint: Trust = False,
+    channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    as_json: Json = False,
+) -> None:
+    """List every dropout site (name, kind, p, how it was found, calls per forward pass)."""
+    loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
+    example = _example(loaded, input_shape, data, _preprocess(loaded, channels, size, mean, std))
+    sites = find_dropout(loaded.model, example, sample_drop_path)
     params = sum(p.numel() for p in loaded.model.parameters())
     if as_json:
         _emit_json({"checkpoint": str(checkpoint), "format": loaded.format, "arch": loaded.arch,
-                    "parameters": params, "dropout": [s.as_dict() for s in sites]})
+                    "parameters": params, "ran_model": example is not None, "dropout": [s.as_dict() for s in sites]})
     else:
-        table = Table(title=f"{checkpoint} ({loaded.format}, {params:,} parameters)")
-        for col in ("name", "type", "p"):
-            table.add_column(col)
+        out.print(f"{checkpoint}: {loaded.format}, {loaded.arch}, {params:,} parameters")
+        table = Table()
+        for col in ("name", "kind", "p", "found by", "calls", "sampled"):
+            table.add_column(col, overflow="fold")
         for s in sites:
-            table.add_row(s.name, s.kind, f"{s.p:g}")
+            table.add_row(s.name, s.kind, f"{s.p:g}", s.found_by, "?" if s.calls is None else str(s.calls),
+                          "yes" if s.sampled else "no")
         out.print(table)
-    require_dropout(loaded.model)  # after the report: no dropout is an error worth an exit code
+    if example is None and sites and not isinstance(loaded.model, torch.jit.ScriptModule):
+        print("note: functional and attention dropout show only when the model runs: pass --input-shape or --data",
+              file=sys.stderr)
+    require_dropout(loaded.model, example, sample_drop_path)  # after the report: no dropout is an error
 
 
 # ----------------------------------------------------------------------------- distill
@@ -192,6 +230,9 @@ def distill(
     teacher_samples: Annotated[int, typer.Option(help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
     perturb: Annotated[float, typer.Option(help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
     seed: Seed = DistillConfig.seed,
+    output: Output = None,
+    sample_drop_path: SampleDropPath = False,
+    trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
     force: Force = False,
     as_json: Json = False,
@@ -201,11 +242,9 @@ def distill(
     history_path = check_output(out_dir / "history.json", force)
     config = DistillConfig(epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, momentum=momentum,
                            weight_decay=weight_decay, batch_size=batch_size,
-                           teacher_samples=teacher_samples, perturb=perturb, seed=seed)
-    loaded = _load(checkpoint, arch, arch_args)
-    if loaded.arch is None:
-        raise CheckpointError(f"{loaded.format} teachers cannot be written as a bundle yet; load a state dict with --arch")
-    require_dropout(loaded.model)
+                           teacher_samples=teacher_samples, perturb=perturb, seed=seed,
+                           output=parse_select(output), sample_drop_path=sample_drop_path)
+    loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
     pre = _preprocess(loaded, channels, size, mean, std)
     inputs = read_folder(data, pre, labelled=False)
     pre.size = pre.size or tuple(inputs.x.shape[2:])  # record the size the student was made for
@@ -217,7 +256,7 @@ def distill(
         progress.close()
     provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
                   "teacher_format": loaded.format, "inputs": len(inputs), "settings": config.as_dict()}
-    save_bundle(bundle_path, result.student, arch=loaded.arch, arch_args=loaded.arch_args,
+    save_bundle(bundle_path, result.student, arch_ref=loaded.arch_ref,
                 preprocess=pre.as_dict(), provenance=provenance, force=force)
     write_text(history_path, json.dumps(result.history, indent=2) + "\n", force=force)
     summary = {"bundle": str(bundle_path), "inputs": len(inputs), "skipped": inputs.skipped,
@@ -241,23 +280,27 @@ def evaluate(
     mc_samples: Annotated[int, typer.Option(help="m: masked forward passes averaged by MC dropout.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Inputs per forward pass, the same for every method.")] = 256,
     seed: Seed = 0,
+    output: Output = None,
+    sample_drop_path: SampleDropPath = False,
+    trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
     as_json: Json = False,
 ) -> None:
     """Compare standard dropout, MC dropout and distilled models on a folder."""
     if mc_samples < 1 or batch_size < 1:
         raise UsageError("--mc-samples and --batch-size must be at least 1")
-    teacher = _load(checkpoint, arch, arch_args)
+    teacher = _load(checkpoint, arch, arch_args, trust_checkpoint)
     students = {}
     for path in distilled or []:
         name = path.parent.name if path.name == BUNDLE_NAME else path.name
-        students[name if name not in students else str(path)] = _load(path, arch, arch_args)
+        students[name if name not in students else str(path)] = _load(path, arch, arch_args, trust_checkpoint)
     recorded = next((s.preprocess for s in students.values() if s.preprocess), teacher.preprocess)
     pre = resolve_preprocess(teacher.model, recorded, channels, _ints(size, "--size", 2),
                              _floats(mean, "--mean"), _floats(std, "--std"))
     inputs = read_folder(data, pre)
     report = run_evaluate(teacher.model, inputs, pre, {k: v.model for k, v in students.items()},
-                          mc_samples=mc_samples, batch_size=batch_size, seed=seed)
+                          mc_samples=mc_samples, batch_size=batch_size, seed=seed,
+                          select=parse_select(output), sample_drop_path=sample_drop_path)
     if as_json:
         _emit_json(report.as_dict())
         return
@@ -283,6 +326,7 @@ def export(
     arch_args: ArchArgs = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W. Default: the bundle's preprocessing.")] = None,
     atol: Annotated[float, typer.Option(help="Largest absolute difference from PyTorch allowed in the parity check.")] = 1e-4,
+    trust_checkpoint: Trust = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -290,7 +334,7 @@ def export(
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     check_output(out_file, force)
-    loaded = _load(model, arch, arch_args)
+    loaded = _load(model, arch, arch_args, trust_checkpoint)
     shape = _ints(input_shape, "--input-shape", 3)
     if shape is None:
         pre = loaded.preprocess

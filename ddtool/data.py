@@ -145,8 +145,10 @@ def read_image(path: Path, pre: Preprocess) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def read_folder(root: str | os.PathLike, pre: Preprocess, labelled: bool | None = None) -> Inputs:
+def read_folder(root: str | os.PathLike, pre: Preprocess, labelled: bool | None = None, limit: int | None = None) -> Inputs:
     """Read every input of ``root``; detect class subfolders unless ``labelled`` says otherwise.
+
+    ``limit`` reads only the first that many files (an example input, say).
 
     Unreadable files are skipped with one warning; more than ``MAX_BAD_SHARE`` of them, or none
     readable at all, is a :class:`DataError`.
@@ -163,6 +165,7 @@ def read_folder(root: str | os.PathLike, pre: Preprocess, labelled: bool | None 
         files = [(p, None) for p in list_inputs(root)]
     if not files:
         raise DataError(f"no readable inputs in {root} (looked for {', '.join(IMAGE_EXTS)})")
+    files = files[:limit] if limit else files
 
     tensors, paths, labels, bad = [], [], [], []
     for path, label in files:
@@ -190,6 +193,11 @@ def read_folder(root: str | os.PathLike, pre: Preprocess, labelled: bool | None 
         classes=[d.name for d in class_dirs] if class_dirs else None,
         skipped=len(bad),
     )
+
+
+def example_input(shape: tuple[int, ...], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A seeded standard-normal batch of ``shape`` (without the batch axis), to run a model once."""
+    return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 def zero_pixels(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ deterministically: every dropout module off, BatchNorm on its running statistics
 from __future__ import annotations
 
 import copy
+import io
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -31,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Preprocess, zero_pixels
-from .dropout import require_dropout, set_mc
+from .dropout import deterministic, require_dropout, set_mc
 from .errors import ModelError, UsageError
+from .outputs import select_output
 
 
 @dataclass
@@ -48,6 +50,8 @@ class DistillConfig:
     teacher_samples: int = 1  # K masked teacher outputs averaged into one target (Thm. 1(ii))
     perturb: float = 0.2  # probability of zeroing each input pixel (the paper's S); 0 = none
     seed: int = 0
+    output: str | int | None = None  # which output is the prediction; None = logits / the first tensor
+    sample_drop_path: bool = False  # also sample DropPath / stochastic depth in the teacher
 
     def __post_init__(self):
         checks = {
@@ -84,21 +88,40 @@ def kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def teacher_target(teacher: nn.Module, x: torch.Tensor, samples: int) -> torch.Tensor:
+def teacher_target(teacher: nn.Module, x: torch.Tensor, samples: int, select=None) -> torch.Tensor:
     """Mean of ``samples`` masked teacher distributions: one forward pass over K stacked copies.
 
     Each row of the stacked batch gets its own dropout mask, so the K copies of an input are
     independent samples of sigma.
     """
-    logits = teacher(x.repeat(samples, *([1] * (x.dim() - 1))) if samples > 1 else x)
+    logits = select_output(teacher(x.repeat(samples, *([1] * (x.dim() - 1))) if samples > 1 else x), select)
     return F.softmax(logits.float(), dim=1).view(samples, x.shape[0], -1).mean(0)
 
 
+def clone_model(model: nn.Module) -> nn.Module:
+    """An independent copy of ``model`` with leaf parameters (deepcopy breaks ScriptModules' ones)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        buffer = io.BytesIO()
+        torch.jit.save(model, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer, map_location="cpu")
+    return copy.deepcopy(model)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for param in model.parameters():  # not requires_grad_(): ScriptModules refuse it
+        param.requires_grad_(False)
+    return model
+
+
 @torch.no_grad()
-def probe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def probe(model: nn.Module, x: torch.Tensor, select=None) -> torch.Tensor:
     """Run ``model`` once on ``x`` and check it returns (batch, classes) logits."""
     try:
-        out = model(x)
+        with deterministic(model):
+            out = select_output(model(x), select)
+    except ModelError:
+        raise
     except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"the model failed on inputs of shape {tuple(x.shape)}: {first}") from None
@@ -123,16 +146,16 @@ def distill(
     The input ``model`` is not modified.
     """
     config = config or DistillConfig()
-    require_dropout(model)
-    teacher = set_mc(copy.deepcopy(model)).requires_grad_(False)
-    student = copy.deepcopy(model).eval()  # deterministic: dropout off, BatchNorm frozen
+    probe(model, preprocess.normalize(inputs[:2]), config.output)
+    require_dropout(model, preprocess.normalize(inputs[:2]), config.sample_drop_path, config.output)
+    teacher = _frozen(set_mc(clone_model(model), config.sample_drop_path))
+    student = clone_model(model).eval()  # deterministic: dropout off, BatchNorm frozen
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ModelError("the model has no trainable parameters to distill")
     opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
     n = inputs.shape[0]
-    probe(student, preprocess.normalize(inputs[:2]))
     steps_per_epoch = -(-n // config.batch_size)
     total = steps_per_epoch * config.epochs
     gen = torch.Generator().manual_seed(config.seed)  # input order and perturbations
@@ -147,8 +170,8 @@ def distill(
             for idx in torch.randperm(n, generator=gen).split(config.batch_size):
                 # Alg. 2, lines 6-9: inputs from S, fresh gates sigma, one SGD step on l(f_sigma(x), q(x)).
                 x = preprocess.normalize(zero_pixels(inputs[idx], config.perturb, gen))
-                target = teacher_target(teacher, x, config.teacher_samples)
-                loss = kl_loss(student(x), target)
+                target = teacher_target(teacher, x, config.teacher_samples, config.output)
+                loss = kl_loss(select_output(student(x), config.output), target)
                 if not torch.isfinite(loss):
                     raise ModelError(f"the distillation loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
                 opt.zero_grad(set_to_none=True)
@@ -160,4 +183,4 @@ def distill(
                     progress(done, total, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr})
             history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / n,
                             "seconds": round(time.perf_counter() - start, 3)})
-    return DistillResult(student.eval().requires_grad_(False), history)
+    return DistillResult(_frozen(student.eval()), history)

@@ -23,7 +23,8 @@ from torch import nn
 
 from .data import Inputs, Preprocess
 from .distill import probe
-from .dropout import mc_average, require_dropout
+from .dropout import deterministic, mc_average, require_dropout
+from .outputs import select_output
 
 
 @dataclass
@@ -52,20 +53,25 @@ class EvalReport:
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int, mc_samples: int = 0) -> tuple[torch.Tensor, float]:
+def predict_probs(
+    model: nn.Module, x: torch.Tensor, batch_size: int, mc_samples: int = 0, select=None, sample_drop_path: bool = False,
+) -> tuple[torch.Tensor, float]:
     """Class probabilities of ``model`` on normalised inputs, and the seconds the pass took.
 
     ``mc_samples=0`` runs the model deterministically (standard dropout); ``m > 0`` averages the
     softmax of ``m`` masked passes (MC dropout).
     """
-    model.eval()
+    def softmax(out):
+        return F.softmax(select_output(out, select).float(), dim=1)
+
     probs = []
     start = time.perf_counter()
-    for chunk in x.split(batch_size):
-        if mc_samples:
-            probs.append(mc_average(model, chunk, mc_samples, lambda out: F.softmax(out.float(), dim=1)))
-        else:
-            probs.append(F.softmax(model(chunk).float(), dim=1))
+    with deterministic(model):
+        for chunk in x.split(batch_size):
+            if mc_samples:
+                probs.append(mc_average(model, chunk, mc_samples, softmax, sample_drop_path))
+            else:
+                probs.append(softmax(model(chunk)))
     return torch.cat(probs), time.perf_counter() - start
 
 
@@ -95,20 +101,24 @@ def evaluate(
     mc_samples: int = 100,
     batch_size: int = 256,
     seed: int = 0,
+    select: str | int | None = None,
+    sample_drop_path: bool = False,
 ) -> EvalReport:
-    """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``."""
-    require_dropout(teacher)
+    """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
+
+    ``select`` picks the prediction among the models' outputs (default: logits / first tensor).
+    """
     x = preprocess.normalize(inputs.x)
-    probe(teacher, x[:2])
-    for model in (distilled or {}).values():
-        probe(model, x[:2])
+    for model in [teacher, *(distilled or {}).values()]:
+        probe(model, x[:2], select)
+    require_dropout(teacher, x[:2], sample_drop_path, select)
     n, labels = len(inputs), inputs.labels
     report = EvalReport(inputs=n, labelled=labels is not None, mc_samples=mc_samples)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mc, mc_seconds = predict_probs(teacher, x, batch_size, mc_samples)
+        mc, mc_seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path)
     for name, model in {"standard": teacher, **(distilled or {})}.items():
-        probs, seconds = predict_probs(model, x, batch_size)
+        probs, seconds = predict_probs(model, x, batch_size, select=select)
         report.results.append(_result(name, probs, mc, labels, seconds, n, 1))
     # The reference row goes second: standard, MC, then the distilled models.
     report.results.insert(1, _result(f"mc-{mc_samples}", mc, None, labels, mc_seconds, n, mc_samples))

@@ -25,7 +25,7 @@ def read_idx(path: Path) -> np.ndarray:
         data = f.read()
     rank = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(dims)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(dims).copy()
 
 
 def load(split: str, root: Path = ROOT) -> tuple[np.ndarray, torch.Tensor]:

@@ -63,7 +63,7 @@ def write_pngs(images: np.ndarray, folder: Path, names: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=30, help="training epochs")
-    ap.add_argument("--lr", type=float, default=0.05, help="base learning rate")
+    ap.add_argument("--lr", type=float, default=0.02, help="base learning rate")
     ap.add_argument("--p", type=float, default=0.5, help="dropout rate of every dropout layer")
     ap.add_argument("--unlabelled", type=int, default=1000, help="training images written to unlabelled/")
     ap.add_argument("--per-class", type=int, default=100, help="test images per class written to eval/")

@@ -1,13 +1,14 @@
 """Loading checkpoints: state dicts with --arch, bundles, TorchScript, and the errors on the way."""
 
 import os
+import pickle
 
 import pytest
 import torch
 
 import tiny_arch
 from conftest import ARCH, TESTS
-from ddtool.checkpoint import load_model, parse_arch_args, save_bundle
+from ddtool.checkpoint import factory_ref, load_model, parse_arch_args, pickle_globals, save_bundle
 from ddtool.errors import CheckpointError
 
 
@@ -85,7 +86,7 @@ def test_bad_arch_args():
 
 
 def test_bundle_round_trip_needs_no_arch(tmp_path, tiny_model):
-    path = save_bundle(tmp_path / "b" / "model.pt", tiny_model, arch=ARCH,
+    path = save_bundle(tmp_path / "b" / "model.pt", tiny_model, arch_ref=factory_ref(ARCH),
                        preprocess={"channels": 1, "size": [8, 8], "mean": [0.0], "std": [1.0]},
                        provenance={"teacher_sha256": "ab" * 32})
     loaded = load_model(path.parent)  # the folder works as well as the file
@@ -95,10 +96,10 @@ def test_bundle_round_trip_needs_no_arch(tmp_path, tiny_model):
 
 
 def test_bundle_refuses_to_overwrite_without_force(tmp_path, tiny_model):
-    path = save_bundle(tmp_path / "model.pt", tiny_model, arch=ARCH)
+    path = save_bundle(tmp_path / "model.pt", tiny_model, arch_ref=factory_ref(ARCH))
     with pytest.raises(Exception, match="already exists"):
-        save_bundle(path, tiny_model, arch=ARCH)
-    save_bundle(path, tiny_model, arch=ARCH, force=True)
+        save_bundle(path, tiny_model, arch_ref=factory_ref(ARCH))
+    save_bundle(path, tiny_model, arch_ref=factory_ref(ARCH), force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
 
 
@@ -161,3 +162,193 @@ def test_legacy_pickle_format_is_read(tmp_path, tiny_model):
     path = tmp_path / "legacy.pt"
     torch.save(tiny_model.state_dict(), path, _use_new_zipfile_serialization=False)
     assert load_model(path, arch=ARCH).format == "state-dict"
+
+
+# --------------------------------------------------------------------------- more formats
+def test_safetensors_with_arch(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.bin"  # the extension says nothing: the content does
+    save_file({f"module.{k}": v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
+    loaded = load_model(path, arch=ARCH)
+    assert loaded.format == "safetensors" and _same_weights(loaded.model, tiny_model)
+    with pytest.raises(CheckpointError, match="safetensors; pass its architecture"):
+        load_model(path)
+
+
+def test_truncated_safetensors(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file(tiny_model.state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="safetensors file .* could not be read"):
+        load_model(path, arch=ARCH)
+
+
+def test_pickled_module_names_its_classes_and_loads_only_when_trusted(tmp_path, tiny_model):
+    path = tmp_path / "full.pt"
+    torch.save(tiny_model, path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    assert "torch.nn.modules.container.Sequential" in str(info.value) and "--trust-checkpoint" in str(info.value)
+    loaded = load_model(path, trust=True)
+    assert loaded.format == "pickled-module" and _same_weights(loaded.model, tiny_model)
+
+
+def test_pickle_globals_reads_without_unpickling(tmp_path):
+    data = pickle.dumps({"x": Evil()}, protocol=4)
+    assert "posix.makedirs" in pickle_globals(data) or "os.makedirs" in pickle_globals(data)
+    assert pickle_globals(pickle.dumps({"a": 1}, protocol=2)) == []
+
+
+def _bundle_via_distill(tmp_path, teacher_path, **kw):
+    import ddtool
+
+    loaded = load_model(teacher_path, **kw)
+    pre = ddtool.Preprocess(size=(8, 8))
+    result = ddtool.distill(loaded.model, torch.rand(8, 1, 8, 8), pre, ddtool.DistillConfig(epochs=1, batch_size=4))
+    save_bundle(tmp_path / "out" / "model.pt", result.student, arch_ref=loaded.arch_ref, preprocess=pre.as_dict())
+    again = load_model(tmp_path / "out", trust=kw.get("trust", False))
+    assert again.format == "ddtool-bundle" and _same_weights(again.model, result.student)
+    return again
+
+
+def test_torchscript_teacher_gives_a_self_contained_bundle(tmp_path, tiny_model):
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(tiny_model.eval()).save(str(path))
+    _bundle_via_distill(tmp_path, path)
+    path.unlink()  # the bundle carries the architecture: the teacher file is no longer needed
+    assert load_model(tmp_path / "out").format == "ddtool-bundle"
+
+
+def test_pickled_teacher_bundle_needs_trust_again(tmp_path, tiny_model):
+    path = tmp_path / "full.pt"
+    torch.save(tiny_model, path)
+    _bundle_via_distill(tmp_path, path, trust=True)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        load_model(tmp_path / "out")
+
+
+def _export(model, path, example):
+    from torch.export import Dim, export, save
+
+    save(export(model.eval(), (example,), dynamic_shapes=({0: Dim("batch")},)), str(path))
+
+
+def test_torch_export_program_samples_dropout(tmp_path):
+    from ddtool.dropout import find_dropout, mc_mode, require_dropout
+
+    torch.manual_seed(0)
+    model = tiny_arch.tiny()
+    path = tmp_path / "program.pt2"
+    _export(model, path, torch.randn(2, 1, 8, 8))
+    loaded = load_model(path)
+    assert loaded.format == "torch-export" and loaded.example.shape == (2, 1, 8, 8)
+    sites = find_dropout(loaded.model, loaded.example)
+    assert [(s.name, s.kind, s.p) for s in sites] == [("program.2", "dropout", 0.5), ("program.7", "dropout", 0.5)]
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model.eval()(x), atol=1e-6)
+        with mc_mode(loaded.model):
+            assert not torch.equal(loaded.model(x), loaded.model(x))
+    require_dropout(loaded.model, loaded.example)
+    again = _bundle_via_distill(tmp_path, path)
+    assert again.arch_ref["kind"] == "torch-export"
+
+
+def test_torch_export_program_without_dropout_is_refused(tmp_path):
+    path = tmp_path / "plain.pt2"
+    _export(tiny_arch.no_dropout(), path, torch.randn(2, 1, 8, 8))
+    with pytest.raises(CheckpointError, match="no dropout op left"):
+        load_model(path)
+
+
+def _bert_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    transformers.BertForSequenceClassification(config).save_pretrained(str(folder))
+    return folder
+
+
+def test_transformers_folder(tmp_path):
+    from ddtool.dropout import find_dropout, require_dropout
+
+    loaded = load_model(_bert_folder(tmp_path))
+    assert loaded.format == "hf" and loaded.arch == "BertForSequenceClassification"
+    sites = find_dropout(loaded.model, loaded.example)
+    kinds = {(s.kind, s.found_by) for s in sites}
+    assert ("Dropout", "module") in kinds  # hidden and embedding dropout
+    assert any(s.found_by == "attention" for s in sites)  # attention-probability dropout
+    assert sum(1 for s in sites if "attention" in s.name) >= 2  # one per layer at least
+    require_dropout(loaded.model, loaded.example)
+    logits = loaded.model(loaded.example)
+    assert logits.shape == (loaded.example.shape[0], 3)
+    again = _bundle_via_distill_text(tmp_path, loaded)
+    assert again.arch_ref["kind"] == "hf"
+
+
+def _bundle_via_distill_text(tmp_path, loaded):
+    save_bundle(tmp_path / "hf_out" / "model.pt", loaded.model, arch_ref=loaded.arch_ref)
+    again = load_model(tmp_path / "hf_out")
+    assert _same_weights(again.model, loaded.model)
+    return again
+
+
+def test_transformers_folder_without_the_extra(tmp_path, monkeypatch):
+    folder = _bert_folder(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    with pytest.raises(CheckpointError, match=r"ddtool\[hf\]"):
+        load_model(folder)
+
+
+def test_folder_that_is_no_model(tmp_path):
+    with pytest.raises(CheckpointError, match="neither a ddtool model.pt nor a transformers config.json"):
+        load_model(tmp_path)
+
+
+def test_damaged_torchscript_archive(tmp_path, tiny_model):
+    import zipfile
+
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(tiny_model.eval()).save(str(path))
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(broken, "w") as dst:
+        for item in src.infolist():
+            if not item.filename.endswith("constants.pkl"):
+                dst.writestr(item, src.read(item.filename).replace(b"forward", b"forwerd") if "/code/" in item.filename else src.read(item.filename))
+        dst.writestr("scripted/constants.pkl", b"")
+    with pytest.raises(CheckpointError, match="could not be loaded as TorchScript"):
+        load_model(broken)
+
+
+def test_bundle_whose_architecture_file_is_gone(tmp_path, tiny_model):
+    arch_file = tmp_path / "net.py"
+    arch_file.write_text((TESTS / "tiny_arch.py").read_text())
+    save_bundle(tmp_path / "b" / "model.pt", tiny_model, arch_ref=factory_ref(f"{arch_file}:tiny"))
+    arch_file.unlink()
+    with pytest.raises(CheckpointError, match="--arch file not found"):
+        load_model(tmp_path / "b")
+    assert load_model(tmp_path / "b", arch=ARCH).format == "ddtool-bundle"  # --arch stands in
+
+
+def test_torch_export_program_with_a_pickled_payload_runs_no_code(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.pt2"
+    _export(tiny_arch.tiny(), good, torch.randn(2, 1, 8, 8))
+    evil = tmp_path / "evil.pt2"
+    payload = io.BytesIO()
+    torch.save((Evil(),), payload)
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = payload.getvalue() if "/sample_inputs/" in item.filename else src.read(item.filename)
+            dst.writestr(item, data)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_model(evil)
+    assert not (tmp_path / "PWNED_DIR").exists()

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ARCH, NO_DROPOUT_ARCH, write_images
+from conftest import ARCH, NO_DROPOUT_ARCH, TESTS, write_images
 from ddtool import __version__
 from ddtool.cli import app
 
@@ -137,3 +137,40 @@ def test_export_of_a_state_dict_needs_a_shape(tmp_path, tiny_ckpt):
 
 def test_export_unknown_format(tmp_path, tiny_ckpt):
     assert_one_line_error(run("export", tiny_ckpt, "--arch", ARCH, "--out", tmp_path / "m.x", "--format", "tflite"), 2, "--format")
+
+
+def test_inspect_reports_how_and_how_often(tmp_path):
+    import torch
+
+    from dropout_zoo import Reused
+
+    torch.manual_seed(0)
+    path = tmp_path / "reused.pt"
+    torch.jit.script(Reused().eval()).save(str(path))  # TorchScript: no --arch needed
+    doc = json.loads(run("inspect", path, "--json").stdout)
+    assert doc["format"] == "torchscript" and doc["dropout"][0]["name"] == "drop"
+
+    torch.save(Reused().state_dict(), tmp_path / "reused_sd.pt")
+    arch = f"{tmp_path.parent}/zoo_arch.py:make"
+    (tmp_path.parent / "zoo_arch.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom dropout_zoo import Reused\n\ndef make():\n    return Reused()\n" % str(TESTS))
+    doc = json.loads(run("inspect", tmp_path / "reused_sd.pt", "--arch", arch, "--input-shape", "8", "--json").stdout)
+    assert doc["ran_model"] and doc["dropout"] == [
+        {"name": "drop", "kind": "Dropout", "p": 0.3, "found_by": "module", "calls": 2, "sampled": True}]
+
+
+def test_inspect_bert_lists_attention_and_hidden_dropout(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    transformers.BertForSequenceClassification(config).save_pretrained(str(tmp_path / "bert"))
+    result = run("inspect", tmp_path / "bert", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["format"] == "hf" and doc["ran_model"]
+    attention = [d for d in doc["dropout"] if d["found_by"] == "attention"]
+    hidden = [d for d in doc["dropout"] if d["name"].endswith("output.dropout")]
+    assert len(attention) == 2 and all(d["p"] == pytest.approx(0.1) for d in attention)
+    assert len(hidden) == 4  # attention-output and FFN-output dropout in each of the 2 layers
+    table = run("inspect", tmp_path / "bert")
+    assert "scaled_dot_product_attention" in table.stdout or "attention" in table.stdout

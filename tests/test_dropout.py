@@ -1,23 +1,72 @@
-"""Dropout discovery and MC sampling on small seeded models."""
+"""Dropout discovery and MC sampling over the dropout zoo."""
 
 import pytest
 import torch
 from torch import nn
 
+from dropout_zoo import ZOO, ConvBN, Residual
 from ddtool.dropout import find_dropout, mc_average, mc_mode, require_dropout
 from ddtool.errors import NoDropoutError
 
 
-def test_every_dropout_module_is_found(tiny_model):
-    sites = find_dropout(tiny_model)
-    assert [(s.name, s.kind, s.p) for s in sites] == [("2", "Dropout", 0.5), ("7", "Dropout", 0.5)]
+def _build(name):
+    torch.manual_seed(0)
+    factory, example, expected = ZOO[name]
+    return factory().eval(), example(), expected
 
 
-def test_all_dropout_types_and_zero_rate():
-    model = nn.Sequential(nn.Dropout1d(0.1), nn.Dropout2d(0.2), nn.Dropout3d(0.3), nn.AlphaDropout(0.4),
-                          nn.FeatureAlphaDropout(0.5), nn.Dropout(0.0))
-    assert [s.kind for s in find_dropout(model)] == [
-        "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"]
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_site_is_found(name):
+    model, x, expected = _build(name)
+    sites = find_dropout(model, x, sample_drop_path=True)
+    got = [(s.name, s.kind, s.found_by, s.p, s.calls) for s in sites]
+    assert sorted(got) == sorted((n, k, f, pytest.approx(p), c) for n, k, f, p, c in expected)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_mc_outputs_vary_and_deterministic_outputs_do_not(name):
+    model, x, _ = _build(name)
+    require_dropout(model, x, sample_drop_path=True)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        with mc_mode(model, sample_drop_path=True):
+            outs = [model(x) for _ in range(4)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    assert not any(m.training for m in model.modules())  # mc_mode put everything back
+
+
+def test_module_sites_without_running_the_model():
+    model, _, _ = _build("transformer_encoder_layer")
+    assert {s.name for s in find_dropout(model)} == {"layer.self_attn", "layer.dropout", "layer.dropout1", "layer.dropout2"}
+    assert all(s.calls is None for s in find_dropout(model))
+    assert find_dropout(_build("functional_head")[0]) == []  # functional dropout needs a forward pass
+
+
+def test_drop_path_is_reported_but_not_sampled_by_default():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    model.drop.p = 0.0  # leave DropPath as the only stochastic site
+    x = torch.randn(4, 8)
+    sites = find_dropout(model, x)
+    assert [(s.kind, s.sampled) for s in sites] == [("DropPath", False)]
+    with pytest.raises(NoDropoutError, match="DropPath"):
+        require_dropout(model, x)
+    require_dropout(model, x, sample_drop_path=True)
+
+
+def test_model_whose_dropout_never_runs_is_refused():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 2), nn.Dropout(0.5)  # defined, never called
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Unused().eval()
+    assert find_dropout(model, torch.randn(2, 4))[0].calls == 0
+    with pytest.raises(NoDropoutError, match="do not vary"):
+        require_dropout(model, torch.randn(2, 4))
 
 
 def test_no_dropout_is_an_error():
@@ -25,41 +74,40 @@ def test_no_dropout_is_an_error():
         require_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)))
 
 
-def test_mc_outputs_vary_and_deterministic_outputs_do_not(tiny_model):
-    x = torch.randn(4, 1, 8, 8)
-    tiny_model.eval()
-    with torch.no_grad():
-        assert torch.equal(tiny_model(x), tiny_model(x))
-        with mc_mode(tiny_model):
-            a, b = tiny_model(x), tiny_model(x)
-    assert not torch.equal(a, b)
-
-
-def test_mc_mode_restores_training_flags(tiny_model):
-    tiny_model.train()
-    tiny_model[0].eval()
-    before = [m.training for m in tiny_model.modules()]
-    with mc_mode(tiny_model):
-        assert [m.training for m in tiny_model.modules()][1:4] == [False, False, True]
-    assert [m.training for m in tiny_model.modules()] == before
+def test_mc_mode_restores_training_flags_and_keeps_norm_layers_in_eval():
+    model = ConvBN().train()
+    model.fc.eval()
+    before = [m.training for m in model.modules()]
+    with mc_mode(model):
+        assert model.drop.training and model.conv.training and not model.bn.training
+    assert [m.training for m in model.modules()] == before
 
 
 def test_mc_mean_of_linear_model_converges_to_exact_expectation():
     # y = w . dropout(x): E[y] = w . x exactly (inverted dropout keeps the mean), and the MC
-    # average of m samples has standard deviation sqrt(sum w_i^2 x_i^2 p/(1-p) / m).
+    # average of m samples has standard deviation sqrt(sum_i w_i^2 x_i^2 * p/(1-p) / m).
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(20, 1, bias=False))
+    p, m = 0.3, 20000
+    model = nn.Sequential(nn.Dropout(p), nn.Linear(20, 1, bias=False))
     x = torch.randn(1, 20)
     exact = (model[1].weight @ x.T).item()
-    m = 20000
-    sd = ((model[1].weight ** 2 * x ** 2).sum() * 0.5 / 0.5 / m).sqrt().item()
+    sd = ((model[1].weight ** 2 * x ** 2).sum() * p / (1 - p) / m).sqrt().item()
     assert abs(mc_average(model, x, m).item() - exact) < 4 * sd
 
 
-def test_batchnorm_statistics_are_untouched_by_sampling():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 2))
-    bn = model[1]
-    bn.running_mean.uniform_()
-    before = {k: v.clone() for k, v in bn.state_dict().items()}
+def test_batchnorm_statistics_are_bit_identical_after_100_mc_passes():
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    model.bn.running_mean.uniform_()
+    model.bn.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in model.bn.state_dict().items()}
     mc_average(model, torch.randn(8, 1, 8, 8), 100)
-    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+    after = model.bn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # num_batches_tracked included
+
+
+def test_scripted_model_sites_and_sampling():
+    torch.manual_seed(0)
+    scripted = torch.jit.script(ConvBN().eval())
+    assert [(s.name, s.kind) for s in find_dropout(scripted, torch.randn(2, 1, 8, 8))] == [("drop", "Dropout")]
+    require_dropout(scripted, torch.randn(2, 1, 8, 8))

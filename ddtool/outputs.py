@@ -1,0 +1,50 @@
+"""Which tensor of a model's output is its prediction.
+
+Models return a tensor, a tuple/list, a dict, or a ``ModelOutput``-style object (a dict subclass
+with attributes, as Hugging Face's). ``select`` picks the prediction by name or index; by default
+it is the ``logits`` entry if there is one, else the first tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .errors import ModelError
+
+
+def parse_select(text: str | None) -> str | int | None:
+    """``--output`` as given on the command line: an index if it is an integer, else a name."""
+    if text is None or text == "":
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def select_output(out, select: str | int | None = None) -> torch.Tensor:
+    """The prediction tensor in ``out``; raise :class:`ModelError` if there is none."""
+    if isinstance(out, torch.Tensor) and select is None:
+        return out
+    if isinstance(out, Mapping):
+        keys = list(out.keys())
+        if select is None:
+            key = "logits" if "logits" in out else next((k for k in keys if isinstance(out[k], torch.Tensor)), None)
+        elif isinstance(select, int):
+            key = keys[select] if -len(keys) <= select < len(keys) else None
+        else:
+            key = select if select in out else None
+        if key is None or not isinstance(out[key], torch.Tensor):
+            raise ModelError(f"the model's output has no tensor {select!r}; it has {', '.join(map(str, keys))}")
+        return out[key]
+    if isinstance(out, (tuple, list)):
+        if isinstance(select, str):
+            if hasattr(out, "_fields") and select in out._fields:  # a namedtuple
+                return select_output(getattr(out, select))
+            raise ModelError(f"the model returns a {type(out).__name__}; choose its output by index, not {select!r}")
+        index = 0 if select is None else select
+        if not -len(out) <= index < len(out):
+            raise ModelError(f"the model returns {len(out)} outputs; index {index} is out of range")
+        return select_output(out[index])
+    if isinstance(out, torch.Tensor):
+        raise ModelError(f"the model returns a single tensor; there is no output {select!r} to choose")
+    raise ModelError(f"the model returned {type(out).__name__}, not a tensor, tuple, dict or ModelOutput")
