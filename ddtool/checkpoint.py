@@ -21,6 +21,7 @@ teacher's hash, ddtool's version, the distillation settings). The reference is o
   {"kind": "torchscript" | "torch-export", "archive": uint8 tensor}   the teacher's archive
   {"kind": "hf", "class", "config"}               a transformers class and its config as JSON
   {"kind": "pickled-module", "path", "sha256"}   the trusted teacher file itself
+  {"kind": "shrink", "base": <reference>, "keep"} a reference with layers shrunk (ddtool.compress)
 so that ``evaluate``, ``export`` and ``distill`` on a bundle need no extra flags.
 """
 
@@ -72,6 +73,7 @@ class LoadedModel:
     preprocess: dict | None = None
     provenance: dict | None = None
     example: Any = None  # an input the format itself provides (HF dummy inputs, .pt2 sample inputs)
+    input_spec: dict | None = None  # {"shape", "dtype"} of the model input, recorded in bundles
 
     @property
     def arch(self) -> str:
@@ -160,6 +162,10 @@ def build_from_ref(ref: dict, trust: bool = False) -> nn.Module:
         return _load_exported(io.BytesIO(_tensor_bytes(ref["archive"])), "the bundle's torch.export archive", trust)[0]
     if kind == "hf":
         return _hf_from_config(ref["class"], json.loads(ref["config"]))
+    if kind == "shrink":
+        from .compress import shrink
+
+        return shrink(build_from_ref(ref["base"], trust), ref["keep"], by_strength=False)
     if kind == "pickled-module":
         path = Path(ref["path"])
         if not path.is_file():
@@ -585,8 +591,14 @@ def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, arch_args
             ref = factory_ref(arch, arch_args)  # the recorded file moved: the user's --arch stands in
     model = build_from_ref(ref, trust)
     load_state_dict_into(model, obj["state_dict"], ref.get("spec") or ref.get("kind"))
-    return LoadedModel(model.eval(), "ddtool-bundle", path, digest, arch_ref=ref,
-                       preprocess=obj.get("preprocess"), provenance=obj.get("provenance"))
+    spec = obj.get("input")
+    example = None
+    if spec:
+        from .data import spec_example
+
+        example = spec_example(spec)
+    return LoadedModel(model.eval(), "ddtool-bundle", path, digest, arch_ref=ref, preprocess=obj.get("preprocess"),
+                       provenance=obj.get("provenance"), example=example, input_spec=spec)
 
 
 def save_bundle(
@@ -595,10 +607,12 @@ def save_bundle(
     *,
     arch_ref: dict,
     preprocess: dict | None = None,
+    input_spec: dict | None = None,
     provenance: dict | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``model`` as a ddtool bundle, atomically."""
+    """Write ``model`` as a ddtool bundle, atomically. ``input_spec`` is {"shape", "dtype"} of
+    the model's input without the batch axis (see ``ddtool.data.input_spec``)."""
     from . import __version__
 
     bundle = {
@@ -606,6 +620,7 @@ def save_bundle(
         "arch": arch_ref,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "preprocess": preprocess,
+        "input": input_spec,
         "provenance": {
             "ddtool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

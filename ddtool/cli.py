@@ -21,11 +21,12 @@ from rich.table import Table
 
 from . import __version__
 from .checkpoint import BUNDLE_NAME, load_model, parse_arch_args, save_bundle
-from .data import example_input, read_folder, resolve_preprocess
-from .distill import DistillConfig, distill as run_distill
+from .compress import parse_shrink, shrunk_student, student_from_arch
+from .data import example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
+from .distill import DistillConfig, distill as run_distill, resolve_device
 from .dropout import find_dropout, require_dropout
 from .outputs import parse_select
-from .errors import EXIT_INTERRUPTED, DDToolError, UsageError
+from .errors import EXIT_INTERRUPTED, DDToolError, OutputError, UsageError
 from .evaluate import evaluate as run_evaluate
 from .export import FORMATS, export as run_export
 from .files import check_output, write_text
@@ -142,15 +143,11 @@ def main_options(
 def _example(loaded, input_shape, data, pre):
     """An input to run the model on once: from --data, --input-shape, the format, or the bundle."""
     if data is not None:
-        return pre.normalize(read_folder(data, pre, labelled=False, limit=2).x)
+        return pre.prepare(read_folder(data, pre, labelled=False, limit=2).x)
     shape = _ints(input_shape, "--input-shape", None)
     if shape:
         return example_input(shape)
-    if loaded.example is not None:
-        return loaded.example
-    if loaded.preprocess and loaded.preprocess.get("size"):
-        return example_input((pre.channels, *pre.size))
-    return None
+    return loaded.example
 
 
 @app.command()
@@ -170,7 +167,7 @@ def inspect(
     loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
     example = _example(loaded, input_shape, data, _preprocess(loaded, channels, size, mean, std))
     sites = find_dropout(loaded.model, example, sample_drop_path)
-    params = sum(p.numel() for p in loaded.model.parameters())
+    params = _count(loaded.model)
     if as_json:
         _emit_json({"checkpoint": str(checkpoint), "format": loaded.format, "arch": loaded.arch,
                     "parameters": params, "ran_model": example is not None, "dropout": [s.as_dict() for s in sites]})
@@ -191,22 +188,36 @@ def inspect(
 
 # ----------------------------------------------------------------------------- distill
 class DistillProgress:
-    """A rich progress bar on stderr, started at the first finished step (so an early error
-    prints only its own line) and stopped by :meth:`close`."""
+    """Progress on stderr: a rich bar (samples/s, loss, fidelity, ETA) on a terminal, else one
+    plain line per epoch. The bar starts at the first finished step, so an early error prints
+    only its own line."""
 
     def __init__(self) -> None:
         self.bar: Progress | None = None
+        self.fidelity = "—"
 
-    def __call__(self, done: int, total: int, info: dict) -> None:
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "epoch":
+            if "fidelity" in event:
+                self.fidelity = f"{event['fidelity']:.4f}"
+            if not err_console.is_terminal:
+                fid = f", fidelity (KL to MC) {event['fidelity']:.4f}" if "fidelity" in event else ""
+                print(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f}{fid}, "
+                      f"{event['samples_per_s']:.0f} samples/s, {event['seconds']:.1f}s", file=sys.stderr, flush=True)
+            return
+        if not err_console.is_terminal:
+            return
         if self.bar is None:
             self.bar = Progress(
-                TextColumn("distill epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=err_console,
+                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.0f} samples/s  loss {task.fields[loss]:.4f}  fidelity {task.fields[fidelity]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
             )
             self.bar.start()
-            self.task = self.bar.add_task("distill", total=total, epoch=info["epoch"], loss=info["loss"])
-        self.bar.update(self.task, completed=done, epoch=info["epoch"], loss=info["loss"])
+            self.task = self.bar.add_task("distill", total=event["total"], completed=event["done"] - 1,
+                                          epoch=1, loss=0.0, rate=0.0, fidelity="—")
+        self.bar.update(self.task, completed=event["done"], epoch=event["epoch"], loss=event["loss"],
+                        rate=event["samples_per_s"], fidelity=self.fidelity)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -218,54 +229,94 @@ class DistillProgress:
 def distill(
     checkpoint: Checkpoint,
     data: Data,
-    out_dir: Annotated[Path, typer.Option("--out", help=f"Folder for the distilled bundle ({BUNDLE_NAME}) and history.json.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help=f"Folder for the distilled bundle ({BUNDLE_NAME}), history.json and, while running, resume.pt.", show_default=False)],
     arch: Arch = None,
     arch_args: ArchArgs = None,
+    student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="A smaller student network (file.py:factory); tensors matching the teacher's are copied in.")] = None,
+    student_arch_args: Annotated[Optional[str], typer.Option("--student-arch-args", help="Keyword arguments for --student-arch, as a JSON object.")] = None,
+    shrink: Annotated[Optional[list[str]], typer.Option("--shrink", help="LAYER=FRACTION: keep the strongest units of a Linear/Conv layer and slice the next; repeatable.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
-    lr: Annotated[float, typer.Option(help="Base SGD learning rate.")] = DistillConfig.lr,
-    lr_drop_epoch: Annotated[int, typer.Option(help="Epoch from which the rate is lr/10.")] = DistillConfig.lr_drop_epoch,
+    lr: Annotated[float, typer.Option(help="Base learning rate.")] = DistillConfig.lr,
+    lr_drop_epoch: Annotated[int, typer.Option(help="Epoch from which the rate is lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
+    optimizer: Annotated[str, typer.Option(help="sgd (with momentum, the paper's) or adam.")] = DistillConfig.optimizer,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = DistillConfig.momentum,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = DistillConfig.weight_decay,
-    batch_size: Annotated[int, typer.Option(help="Inputs per SGD step.")] = DistillConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(help="Inputs per step.")] = DistillConfig.batch_size,
     teacher_samples: Annotated[int, typer.Option(help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
+    loss: Annotated[str, typer.Option(help="kl (classifiers) or mse (regression outputs).")] = DistillConfig.loss,
+    class_dim: Annotated[int, typer.Option(help="Class axis of the output; KL is taken per position along it.")] = DistillConfig.class_dim,
     perturb: Annotated[float, typer.Option(help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
+    flip: Annotated[str, typer.Option(help="Random image flips: '' (none), h, v or hv.")] = DistillConfig.flip,
+    val_fraction: Annotated[float, typer.Option(help="Share of inputs held out to measure fidelity (KL to MC) each epoch; 0 = none.")] = DistillConfig.val_fraction,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
     seed: Seed = DistillConfig.seed,
     output: Output = None,
     sample_drop_path: SampleDropPath = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")] = DistillConfig.device,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the teacher and student (slow to start).")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
+    cache_mb: Annotated[float, typer.Option(help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Distill the checkpoint into a deterministic student (Algorithm 2, KL loss)."""
+    """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
+    OUT/resume.pt and exits with 130 (143); --resume continues."""
     bundle_path = check_output(out_dir / BUNDLE_NAME, force)
     history_path = check_output(out_dir / "history.json", force)
-    config = DistillConfig(epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, momentum=momentum,
-                           weight_decay=weight_decay, batch_size=batch_size,
-                           teacher_samples=teacher_samples, perturb=perturb, seed=seed,
-                           output=parse_select(output), sample_drop_path=sample_drop_path)
+    resume_path = out_dir / "resume.pt"
+    if resume_path.exists() and not (resume or force):
+        raise OutputError(f"{resume_path} holds an interrupted run: pass --resume to continue it or --force to start over")
+    if student_arch and shrink:
+        raise UsageError("--student-arch and --shrink are two ways to a smaller student: choose one")
+    config = DistillConfig(
+        epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, optimizer=optimizer, momentum=momentum,
+        weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
+        class_dim=class_dim, perturb=perturb, flip=flip, val_fraction=val_fraction, patience=patience, seed=seed,
+        output=parse_select(output), sample_drop_path=sample_drop_path, device=device, compile=compile_model)
+    fractions = parse_shrink(shrink)
     loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
     pre = _preprocess(loaded, channels, size, mean, std)
-    inputs = read_folder(data, pre, labelled=False)
-    pre.size = pre.size or tuple(inputs.x.shape[2:])  # record the size the student was made for
+    train, val = open_distill_data(data, pre, val_fraction, seed, cache_mb, workers,
+                                   pin_memory=resolve_device(device).type == "cuda")
+    student, arch_ref, compression = None, loaded.arch_ref, {}
+    if fractions:
+        student, arch_ref = shrunk_student(loaded.model, loaded.arch_ref, fractions)
+    elif student_arch:
+        student, arch_ref, copied = student_from_arch(loaded.model, student_arch, parse_arch_args(student_arch_args))
+        compression["tensors_from_teacher"] = copied
+    if student is not None:
+        compression.update(teacher_parameters=_count(loaded.model), student_parameters=_count(student))
 
     progress = DistillProgress()
     try:
-        result = run_distill(loaded.model, inputs.x, pre, config, progress=progress)
+        result = run_distill(loaded.model, train, pre, config, progress, val=val, student=student,
+                             checkpoint=resume_path, resume=resume, teacher_sha256=loaded.sha256)
     finally:
         progress.close()
-    provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
-                  "teacher_format": loaded.format, "inputs": len(inputs), "settings": config.as_dict()}
-    save_bundle(bundle_path, result.student, arch_ref=loaded.arch_ref,
-                preprocess=pre.as_dict(), provenance=provenance, force=force)
+    provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256, "teacher_format": loaded.format,
+                  "inputs": len(train), "held_out": 0 if val is None else len(val), "settings": config.as_dict(),
+                  "best_epoch": result.best_epoch, **compression}
+    save_bundle(bundle_path, result.student, arch_ref=arch_ref, preprocess=pre.as_dict(),
+                input_spec=input_spec(pre, next(train.batches(torch.arange(1), 1))), provenance=provenance, force=force)
     write_text(history_path, json.dumps(result.history, indent=2) + "\n", force=force)
-    summary = {"bundle": str(bundle_path), "inputs": len(inputs), "skipped": inputs.skipped,
-               "history": result.history}
+    summary = {"bundle": str(bundle_path), "inputs": len(train), "held_out": provenance["held_out"],
+               "skipped": train.skipped, "best_epoch": result.best_epoch, "shared_prefix": result.shared_prefix,
+               **compression, "history": result.history}
     if as_json:
         _emit_json(summary)
     else:
         last = result.history[-1]
-        out.print(f"distilled {len(inputs)} inputs x {config.epochs} epochs; final loss {last['loss']:.4f}; wrote {bundle_path}")
+        fid = f", fidelity {last['fidelity']:.4f}" if "fidelity" in last else ""
+        size_note = f"; {compression['student_parameters']:,} of {compression['teacher_parameters']:,} parameters" if compression else ""
+        out.print(f"distilled {len(train)} inputs x {len(result.history)} epochs; final loss {last['loss']:.4f}{fid}"
+                  f"{size_note}; wrote {bundle_path}")
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -335,12 +386,11 @@ def export(
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     check_output(out_file, force)
     loaded = _load(model, arch, arch_args, trust_checkpoint)
-    shape = _ints(input_shape, "--input-shape", 3)
+    shape = _ints(input_shape, "--input-shape", None)
     if shape is None:
-        pre = loaded.preprocess
-        if not pre or not pre.get("size"):
+        if not loaded.input_spec:
             raise UsageError("this checkpoint records no input shape; pass --input-shape C,H,W")
-        shape = (pre["channels"], *pre["size"])
+        shape = tuple(loaded.input_spec["shape"])
     result = run_export(loaded.model, out_file, fmt, input_shape=shape, atol=atol, force=force)
     if as_json:
         _emit_json(result.as_dict())

@@ -108,7 +108,7 @@ def evaluate(
 
     ``select`` picks the prediction among the models' outputs (default: logits / first tensor).
     """
-    x = preprocess.normalize(inputs.x)
+    x = preprocess.prepare(inputs.x)
     for model in [teacher, *(distilled or {}).values()]:
         probe(model, x[:2], select)
     require_dropout(teacher, x[:2], sample_drop_path, select)

@@ -174,3 +174,33 @@ def test_inspect_bert_lists_attention_and_hidden_dropout(tmp_path):
     assert len(hidden) == 4  # attention-output and FFN-output dropout in each of the 2 layers
     table = run("inspect", tmp_path / "bert")
     assert "scaled_dot_product_attention" in table.stdout or "attention" in table.stdout
+
+
+def test_distill_options_shrink_validation_and_plain_progress(tmp_path, tiny_ckpt, unlabelled):
+    out = tmp_path / "small"
+    result = run("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", out, "--epochs", 3,
+                 "--shrink", "5=0.5", "--val-fraction", 0.25, "--patience", 2, "--teacher-samples", 2, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["held_out"] == 12 and doc["inputs"] == 36 and doc["student_parameters"] < doc["teacher_parameters"]
+    assert all("fidelity" in r for r in doc["history"])
+    assert "epoch 1/3: loss" in result.stderr  # stderr is not a terminal: one plain line per epoch
+    assert not (out / "resume.pt").exists()
+    # the shrunk bundle evaluates and exports with no architecture flags
+    assert run("export", out, "--format", "torchscript", "--out", tmp_path / "s.ts").exit_code == 0
+
+
+def test_distill_refuses_to_clobber_an_interrupted_run(tmp_path, tiny_ckpt, unlabelled):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "resume.pt").write_bytes(b"state of an interrupted run")
+    args = ("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", out, "--epochs", 1)
+    assert_one_line_error(run(*args), 6, "--resume")
+    assert_one_line_error(run(*args, "--resume"), 3, "not a ddtool resumable checkpoint")
+
+
+def test_distill_bad_option_values(tmp_path, tiny_ckpt, unlabelled):
+    base = ("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", tmp_path / "o")
+    assert_one_line_error(run(*base, "--loss", "hinge"), 2, "loss")
+    assert_one_line_error(run(*base, "--device", "cuda:3"), 2, "--device")
+    assert_one_line_error(run(*base, "--shrink", "5=2"), 2, "--shrink")

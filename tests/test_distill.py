@@ -1,12 +1,18 @@
-"""Algorithm 2 on a tiny model: the loss, the K-sample target, and what a run must guarantee."""
+"""Algorithm 2 on tiny models: losses, the K-sample target, schedule, resume, signals, data paths."""
+
+import os
+import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import tiny_arch
-from ddtool.data import Preprocess
-from ddtool.distill import DistillConfig, distill, kl_loss, teacher_target
+from conftest import write_images
+from ddtool.data import Preprocess, index_folder, open_unlabelled
+from ddtool.distill import (DistillConfig, Interrupted, TeacherSampler, clone_model, distill, kl_loss, mse_loss,
+                            resolve_device)
 from ddtool.dropout import mc_average, set_mc
 from ddtool.errors import ModelError, NoDropoutError, UsageError
 from ddtool.evaluate import kl_divergence
@@ -18,36 +24,109 @@ def _inputs(n=64, seed=0):
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
+def _confident(model):
+    with torch.no_grad():  # confident outputs, so that standard and MC dropout differ clearly
+        model[-1].weight.mul_(20)
+    return model
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# --------------------------------------------------------------------------- losses
 def test_kl_loss_is_the_mean_kl_divergence():
     logits = torch.randn(5, 4)
     p = F.softmax(torch.randn(5, 4), dim=1)
     q = F.softmax(logits, dim=1)
-    expected = (p * (p.log() - q.log())).sum(1).mean()
-    assert torch.allclose(kl_loss(logits, p), expected, atol=1e-6)
+    assert torch.allclose(kl_loss(logits, p), (p * (p.log() - q.log())).sum(1).mean(), atol=1e-6)
     assert kl_loss(torch.log(p), p).abs().item() < 1e-6
+    one_hot = torch.eye(4)[:2]  # 0 * log 0 counts as 0
+    assert torch.isfinite(kl_loss(torch.randn(2, 4), one_hot))
 
 
-def test_teacher_target_averages_independent_samples(tiny_model):
-    x = _inputs(8)
+def test_kl_loss_per_position_for_segmentation_outputs():
+    logits, p = torch.randn(2, 3, 4, 5), F.softmax(torch.randn(2, 3, 4, 5), dim=1)
+    flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, 3)
+    flat_p = p.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert torch.allclose(kl_loss(logits, p, dim=1), kl_loss(flat_logits, flat_p), atol=1e-6)
+
+
+def test_mse_loss():
+    assert mse_loss(torch.ones(2, 3), torch.zeros(2, 3)).item() == 1.0
+
+
+# --------------------------------------------------------------------------- K teacher samples
+def _grads(model, x, k, draws):
+    """Gradients of the distillation loss in the student's last layer, one per draw of masks."""
+    teacher = set_mc(clone_model(model))
+    student = clone_model(model).eval()
+    sampler = TeacherSampler(teacher, DistillConfig(teacher_samples=k, share_prefix=False), x)
+    grads = []
     torch.manual_seed(0)
-    set_mc(tiny_model)
-    one = teacher_target(tiny_model, x, 1)
-    many = teacher_target(tiny_model, x, 100)
-    ref = teacher_target(tiny_model, x, 4000)
-    assert torch.allclose(one.sum(1), torch.ones(8)) and torch.allclose(many.sum(1), torch.ones(8))
-    # the 100-sample target sits much closer to the MC reference than a single masked pass
+    for _ in range(draws):
+        student.zero_grad()
+        kl_loss(student(x), sampler.target(x)).backward()
+        grads.append(student[-1].weight.grad.flatten().clone())
+    return torch.stack(grads)
+
+
+def test_k_samples_keep_the_gradient_mean_and_lower_its_variance():
+    # Theorem 1(ii): the gradient is linear in the target, so averaging K masked targets leaves
+    # E[grad] unchanged; the K draws are independent, so its variance falls roughly as 1/K.
+    torch.manual_seed(0)
+    model, x = _confident(tiny_arch.tiny()), _inputs(16)
+    g1, g8 = _grads(model, x, 1, 400), _grads(model, x, 8, 400)
+    se = ((g1.var(0) + g8.var(0)) / 400).sqrt()
+    z = (g1.mean(0) - g8.mean(0)).abs() / se.clamp_min(1e-12)
+    assert (z < 4.5).all(), z.max()  # equal means, within 4.5 standard errors for every coordinate
+    ratio = g8.var(0).sum() / g1.var(0).sum()
+    assert ratio < 0.25, ratio  # 1/8 expected
+
+
+def test_prefix_is_shared_when_exact_and_not_otherwise():
+    torch.manual_seed(0)
+    lenet = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 16), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Linear(16, 3))
+    x = _inputs(6)
+    sampler = TeacherSampler(set_mc(lenet), DistillConfig(teacher_samples=8), x)
+    assert sampler.hook_module is lenet[5]
+    shared = sampler.target(x)
+    plain = TeacherSampler(set_mc(lenet), DistillConfig(teacher_samples=8, share_prefix=False), x).target(x)
+    assert shared.shape == plain.shape == (6, 3) and torch.allclose(shared.sum(1), torch.ones(6))
+
+    class Skip(nn.Module):  # the input skips over the dropout: stacking at the site would be wrong
+        def __init__(self):
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return x + self.fc(self.drop(x))
+
+    skip = set_mc(Skip())
+    assert TeacherSampler(skip, DistillConfig(teacher_samples=4), torch.randn(3, 4)).hook_module is None
+
+
+def test_teacher_target_is_close_to_the_mc_average():
+    torch.manual_seed(0)
+    model, x = _confident(tiny_arch.tiny()), _inputs(8)
+    ref = mc_average(model, x, 4000, lambda o: F.softmax(o, 1))
+    torch.manual_seed(1)
+    teacher = set_mc(clone_model(model))
+    one = TeacherSampler(teacher, DistillConfig(teacher_samples=1), x).target(x)
+    many = TeacherSampler(teacher, DistillConfig(teacher_samples=200), x).target(x)
     assert kl_divergence(ref, many).mean() < 0.2 * kl_divergence(ref, one).mean()
 
 
-def test_distillation_moves_the_student_towards_the_mc_average(tiny_model):
-    with torch.no_grad():  # confident outputs, so that standard and MC dropout differ clearly
-        tiny_model[-1].weight.mul_(20)
-    x = _inputs(96)
-    result = distill(tiny_model, x, PRE, DistillConfig(epochs=15, lr_drop_epoch=10, lr=0.05, batch_size=32, perturb=0.0, teacher_samples=4))
+# --------------------------------------------------------------------------- the loop
+def test_distillation_moves_the_student_towards_the_mc_average():
+    torch.manual_seed(0)
+    model, x = _confident(tiny_arch.tiny()), _inputs(96)
+    result = distill(model, x, PRE, DistillConfig(epochs=15, lr_drop_epoch=10, lr=0.05, batch_size=32, perturb=0.0))
     torch.manual_seed(1)
-    ref = mc_average(tiny_model, x, 500, lambda o: F.softmax(o, 1))
+    ref = mc_average(model, x, 500, lambda o: F.softmax(o, 1))
     with torch.no_grad():
-        before = kl_divergence(ref, F.softmax(tiny_model.eval()(x), 1)).mean()
+        before = kl_divergence(ref, F.softmax(model.eval()(x), 1)).mean()
         after = kl_divergence(ref, F.softmax(result.student(x), 1)).mean()
     assert after < 0.7 * before
     assert len(result.history) == 15 and result.history[-1]["lr"] == pytest.approx(0.005)
@@ -60,9 +139,9 @@ def test_teacher_is_not_modified_and_runs_are_reproducible(tiny_model):
     a = distill(tiny_model, _inputs(), PRE, cfg).student
     b = distill(tiny_model, _inputs(), PRE, cfg).student
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert _same(a, b)
     c = distill(tiny_model, _inputs(), PRE, DistillConfig(epochs=2, batch_size=16, seed=4)).student
-    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    assert not _same(a, c)
 
 
 def test_global_rng_is_left_alone(tiny_model):
@@ -71,6 +150,52 @@ def test_global_rng_is_left_alone(tiny_model):
     torch.manual_seed(123)
     distill(tiny_model, _inputs(16), PRE, DistillConfig(epochs=1))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_adam_and_flips_run(tiny_model):
+    result = distill(tiny_model, _inputs(32), PRE, DistillConfig(epochs=2, optimizer="adam", lr=1e-3, flip="hv"))
+    assert len(result.history) == 2 and all(r["loss"] >= 0 for r in result.history)
+
+
+def test_fidelity_is_measured_on_held_out_inputs_and_early_stopping_keeps_the_best():
+    torch.manual_seed(0)
+    model = _confident(tiny_arch.tiny())
+    events = []
+    cfg = DistillConfig(epochs=12, lr=0.5, lr_drop_epoch=12, val_fraction=0.25, patience=2, batch_size=16)
+    result = distill(model, _inputs(64), PRE, cfg, progress=events.append)
+    fid = [r["fidelity"] for r in result.history]
+    assert all(f >= 0 for f in fid) and result.best_epoch == 1 + fid.index(min(fid))
+    assert len(result.history) < 12 or result.best_epoch >= 11  # stopped early unless still improving
+    assert {e["event"] for e in events} == {"step", "epoch"}
+    assert sum(e["event"] == "step" for e in events) == len(result.history) * 3  # 48 training inputs / 16
+
+
+def test_patience_needs_a_validation_split():
+    with pytest.raises(UsageError, match="--val-fraction"):
+        DistillConfig(patience=3)
+
+
+def test_segmentation_outputs_and_named_outputs_distill():
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Dropout2d(0.3), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            return {"aux": x.mean(), "logits": self.head(self.drop(torch.relu(self.conv(x))))}
+
+    torch.manual_seed(0)
+    result = distill(Seg(), _inputs(16), PRE, DistillConfig(epochs=1, output="logits", class_dim=1))
+    assert result.student(_inputs(2))["logits"].shape == (2, 3, 8, 8)
+    with pytest.raises(ModelError, match="no tensor 'scores'"):
+        distill(Seg(), _inputs(16), PRE, DistillConfig(epochs=1, output="scores"))
+
+
+def test_regression_with_squared_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    result = distill(model, _inputs(32), PRE, DistillConfig(epochs=2, loss="mse"))
+    assert result.history[-1]["loss"] >= 0
 
 
 def test_model_without_dropout_is_refused():
@@ -83,12 +208,82 @@ def test_inputs_that_do_not_fit_the_model(tiny_model):
         distill(tiny_model, torch.rand(8, 1, 5, 5), PRE)
 
 
-def test_diverging_loss_stops_with_a_clear_error(tiny_model):
-    with pytest.raises(ModelError, match="lower --lr"):
-        distill(tiny_model, _inputs() * 1e6, PRE, DistillConfig(epochs=3, lr=1e6))
-
-
-@pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", -1.0), ("teacher_samples", 0), ("perturb", 1.0)])
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", -1.0), ("teacher_samples", 0), ("perturb", 1.0),
+                                          ("loss", "hinge"), ("optimizer", "lbfgs"), ("flip", "x")])
 def test_invalid_settings(field, value):
     with pytest.raises(UsageError, match=field):
         DistillConfig(**{field: value})
+
+
+def test_devices():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(UsageError):
+        resolve_device("tpu")
+
+
+# --------------------------------------------------------------------------- safety
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model):
+    cfg = DistillConfig(epochs=3, lr_drop_epoch=2, batch_size=8, seed=5)
+    x = _inputs(40)
+    whole = distill(tiny_model, x, PRE, cfg).student
+    ckpt = tmp_path / "resume.pt"
+
+    def interrupt(event):
+        if event["event"] == "step" and event["done"] == 7:  # mid-way through epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as info:
+        distill(tiny_model, x, PRE, cfg, progress=interrupt, checkpoint=ckpt)
+    assert info.value.exit_code == 130 and ckpt.exists()
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    resumed = distill(tiny_model, x, PRE, cfg, checkpoint=ckpt, resume=True).student
+    assert _same(resumed, whole)
+    assert not ckpt.exists()  # finished: nothing left to resume
+
+
+def test_sigterm_exit_code_and_resume_guard(tmp_path, tiny_model):
+    ckpt = tmp_path / "resume.pt"
+
+    def terminate(event):
+        if event["event"] == "step" and event["done"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as info:
+        distill(tiny_model, _inputs(32), PRE, DistillConfig(epochs=2, batch_size=8), progress=terminate, checkpoint=ckpt)
+    assert info.value.exit_code == 143
+    with pytest.raises(UsageError, match="batch_size was 8"):
+        distill(tiny_model, _inputs(32), PRE, DistillConfig(epochs=2, batch_size=16), checkpoint=ckpt, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
+    ckpt = tmp_path / "resume.pt"
+    student = clone_model(tiny_model)
+
+    def poison(event):
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            with torch.no_grad():
+                student[0].weight.fill_(float("nan"))
+
+    with pytest.raises(ModelError, match="last good checkpoint"):
+        distill(tiny_model, _inputs(32), PRE, DistillConfig(epochs=3, batch_size=8), progress=poison,
+                student=student, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+# --------------------------------------------------------------------------- data paths
+def test_streamed_and_cached_folders_give_the_same_student(tmp_path, tiny_model):
+    write_images(tmp_path / "s", 40)
+    index = index_folder(tmp_path / "s", labelled=False)
+    cfg = DistillConfig(epochs=2, batch_size=8)
+    cached = open_unlabelled(index, PRE, list(range(40)), cache_mb=100)
+    streamed = open_unlabelled(index, PRE, list(range(40)), cache_mb=0, workers=1)
+    assert cached.cache is not None and cached.cache.dtype == torch.uint8 and streamed.cache is None
+    a = distill(tiny_model, cached, PRE, cfg).student
+    b = distill(tiny_model, streamed, PRE, cfg).student
+    assert _same(a, b)

@@ -22,3 +22,11 @@ def no_dropout(classes: int = 3) -> nn.Sequential:
 def broken():
     """A factory that raises, as a user's factory might."""
     raise ValueError("unknown width 7")
+
+
+def narrow(classes: int = 3) -> nn.Sequential:
+    """A smaller student for ``tiny``: the same convolution, a narrower hidden layer."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 4), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4, classes),
+    )
