@@ -27,7 +27,7 @@ from .distill import DistillConfig, distill as run_distill, resolve_device
 from .dropout import find_dropout, require_dropout
 from .outputs import parse_select
 from .errors import EXIT_INTERRUPTED, DDToolError, OutputError, UsageError
-from .evaluate import evaluate as run_evaluate
+from .evaluate import evaluate as run_evaluate, plot as plot_report
 from .export import FORMATS, export as run_export
 from .files import check_output, write_text
 
@@ -35,7 +35,8 @@ app = typer.Typer(
     help="Distill a network trained with dropout into a deterministic one that predicts like its MC-dropout ensemble.",
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
+# Piped output (CI logs, files) gets wide tables rather than rich's 80-column default.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 _debug = False
 
@@ -329,17 +330,23 @@ def evaluate(
     arch: Arch = None,
     arch_args: ArchArgs = None,
     mc_samples: Annotated[int, typer.Option(help="m: masked forward passes averaged by MC dropout.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass, the same for every method.")] = 256,
+    repeats: Annotated[int, typer.Option(help="Draw the MC reference this many times (new seed each) and report mean ± std.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass for the metrics and the throughput.")] = 256,
+    timing: Annotated[bool, typer.Option("--timing/--no-timing", help="Measure batch-1 latency (default: on).")] = True,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: error with error bars per method, and a reliability diagram.")] = None,
     seed: Seed = 0,
     output: Output = None,
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Compare standard dropout, MC dropout and distilled models on a folder."""
-    if mc_samples < 1 or batch_size < 1:
-        raise UsageError("--mc-samples and --batch-size must be at least 1")
+    """Compare standard dropout, MC dropout and distilled models on a folder: quality and cost."""
+    if mc_samples < 1 or batch_size < 1 or repeats < 1:
+        raise UsageError("--mc-samples, --batch-size and --repeats must be at least 1")
+    if plot is not None:
+        check_output(plot, force)
     teacher = _load(checkpoint, arch, arch_args, trust_checkpoint)
     students = {}
     for path in distilled or []:
@@ -350,19 +357,34 @@ def evaluate(
                              _floats(mean, "--mean"), _floats(std, "--std"))
     inputs = read_folder(data, pre)
     report = run_evaluate(teacher.model, inputs, pre, {k: v.model for k, v in students.items()},
-                          mc_samples=mc_samples, batch_size=batch_size, seed=seed,
-                          select=parse_select(output), sample_drop_path=sample_drop_path)
+                          mc_samples=mc_samples, batch_size=batch_size, seed=seed, select=parse_select(output),
+                          sample_drop_path=sample_drop_path, repeats=repeats, timing=timing)
+    if plot is not None:
+        plot_report(report, plot, force=force)
     if as_json:
         _emit_json(report.as_dict())
         return
     kind = "labelled" if report.labelled else "unlabelled"
-    table = Table(title=f"{data}: {report.inputs} {kind} inputs, MC reference m={mc_samples}")
-    for col in ("method", "error %", "KL to MC", "agree w/ MC %", "ms / input", "passes"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table = Table(title=f"{data}: {report.inputs} {kind} inputs, MC m={mc_samples}, {repeats} repeat(s)")
+    columns = [("method", None, 1, ""), ("error %", "error", 100, ".2f"), ("NLL", "nll", 1, ".3f"),
+               ("ECE %", "ece", 100, ".2f"), ("KL to MC", "kl_to_mc", 1, ".4f"), ("agree %", "agreement", 100, ".1f"),
+               ("ms / input (b1)", "latency_ms", 1, ".2f"), ("inputs/s (b256)", "throughput", 1, ",.0f"),
+               ("params", "parameters", 1, ",d")]
+    if not report.labelled:
+        columns = [c for c in columns if c[1] not in ("error", "nll", "ece")]
+    if not timing:
+        columns = [c for c in columns if c[1] != "latency_ms"]
+    for title, *_ in columns:
+        table.add_column(title, justify="left" if title == "method" else "right")
     for r in report.results:
-        table.add_row(r.method, _fmt(None if r.error is None else 100 * r.error, ".2f"), _fmt(r.kl_to_mc, ".4f"),
-                      _fmt(None if r.agreement is None else 100 * r.agreement, ".1f"),
-                      f"{r.ms_per_input:.3f}", str(r.forward_passes))
+        row = [r.method]
+        for _, key, scale, spec in columns[1:]:
+            value = getattr(r, key)
+            cell = _fmt(None if value is None else scale * value, spec)
+            if repeats > 1 and key in r.std and value is not None and key not in ("latency_ms", "throughput"):
+                cell += f" ± {format(scale * r.std[key], spec)}"
+            row.append(cell)
+        table.add_row(*row)
     out.print(table)
 
 

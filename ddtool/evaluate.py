@@ -1,19 +1,25 @@
 """Standard dropout vs MC dropout vs distilled models: predictions, metrics and their cost.
 
-For every method the predictive distribution on each input is computed, then compared with
-the labels when the folder has them and always with the MC average p_mc (Eq. 4 with m
+For every method the predictive distribution q(x) on each input is computed, then compared with
+the labels y when the folder has them, and always with the MC average p_mc (Eq. 4 with m
 samples), the reference a distilled model is trained to approach:
 
     error      = mean_i [argmax q(x_i) != y_i]
+    NLL        = -mean_i log q_{y_i}(x_i)
+    ECE        = sum_b |B_b|/n * |acc(B_b) - conf(B_b)|      (15 equal-width confidence bins)
     KL to MC   = mean_i sum_c p_mc,c(x_i) (log p_mc,c(x_i) - log q_c(x_i))
     agreement  = mean_i [argmax q(x_i) == argmax p_mc(x_i)]
 
-Time is the wall-clock time of the whole pass divided by the number of inputs, at the same
-batch size for every method; MC dropout pays m forward passes per input.
+Cost is measured, not estimated: latency is the median wall time of one input (batch 1; for MC
+dropout, its m masked passes stacked in one batch), throughput is inputs per second over the
+whole folder at batch 256, and parameters are counted. With ``repeats`` > 1 the MC reference is
+drawn again with a new seed each time and every number is reported as mean and standard
+deviation over the repeats.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,20 +29,30 @@ from torch import nn
 
 from .data import Inputs, Preprocess
 from .distill import probe
-from .dropout import deterministic, mc_average, require_dropout
+from .dropout import deterministic, mc_mode, require_dropout
 from .outputs import select_output
+
+ECE_BINS = 15
+#: Rows per stacked MC forward pass: bounds the memory of m copies of a batch.
+MC_ROWS = 4096
 
 
 @dataclass
 class MethodResult:
-    """The metrics of one inference method on one folder."""
+    """The metrics of one inference method on one folder (means over repeats)."""
 
     method: str
-    error: float | None  # share of wrong top-1 predictions; None without labels
-    kl_to_mc: float | None  # mean KL(p_mc || q) in nats; None for the MC reference itself
-    agreement: float | None  # share of inputs whose top-1 class equals the MC average's
-    ms_per_input: float
-    forward_passes: int  # per input
+    error: float | None = None  # share of wrong top-1 predictions; None without labels
+    nll: float | None = None  # nats
+    ece: float | None = None
+    kl_to_mc: float | None = None  # mean KL(p_mc || q) in nats; None for the MC reference itself
+    agreement: float | None = None  # share of inputs whose top-1 class equals the MC average's
+    latency_ms: float = 0.0  # one input at batch 1, median
+    throughput: float = 0.0  # inputs per second at batch 256
+    parameters: int = 0
+    forward_passes: int = 1  # per input
+    std: dict = field(default_factory=dict)  # standard deviation over repeats, per metric
+    reliability: list = field(default_factory=list)  # (confidence, accuracy, count) per bin
 
 
 @dataclass
@@ -46,53 +62,115 @@ class EvalReport:
     inputs: int
     labelled: bool
     mc_samples: int
+    repeats: int = 1
     results: list[MethodResult] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+# --------------------------------------------------------------------------- predictions
+@torch.no_grad()
+def mc_probs(model: nn.Module, x: torch.Tensor, samples: int, select=None, sample_drop_path: bool = False) -> torch.Tensor:
+    """MC dropout: the mean softmax of ``samples`` masked passes, copies stacked into big batches."""
+    per_pass = max(1, MC_ROWS // max(1, x.shape[0]))
+    total, left = None, samples
+    with mc_mode(model, sample_drop_path):
+        while left:
+            k = min(per_pass, left)
+            stacked = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+            probs = F.softmax(select_output(model(stacked), select).float(), dim=1)
+            part = probs.view(k, x.shape[0], -1).sum(0)
+            total = part if total is None else total + part
+            left -= k
+    return total / samples
+
+
 @torch.no_grad()
 def predict_probs(
     model: nn.Module, x: torch.Tensor, batch_size: int, mc_samples: int = 0, select=None, sample_drop_path: bool = False,
 ) -> tuple[torch.Tensor, float]:
-    """Class probabilities of ``model`` on normalised inputs, and the seconds the pass took.
+    """Class probabilities of ``model`` on prepared inputs, and the seconds the pass took.
 
     ``mc_samples=0`` runs the model deterministically (standard dropout); ``m > 0`` averages the
     softmax of ``m`` masked passes (MC dropout).
     """
-    def softmax(out):
-        return F.softmax(select_output(out, select).float(), dim=1)
-
     probs = []
     start = time.perf_counter()
     with deterministic(model):
         for chunk in x.split(batch_size):
             if mc_samples:
-                probs.append(mc_average(model, chunk, mc_samples, softmax, sample_drop_path))
+                probs.append(mc_probs(model, chunk, mc_samples, select, sample_drop_path))
             else:
-                probs.append(softmax(model(chunk)))
+                probs.append(F.softmax(select_output(model(chunk), select).float(), dim=1))
     return torch.cat(probs), time.perf_counter() - start
 
 
+@torch.no_grad()
+def latency_ms(model: nn.Module, x: torch.Tensor, mc_samples: int = 0, select=None, runs: int = 30) -> float:
+    """Median milliseconds to predict one input (after a warm-up), over ``runs`` inputs."""
+    singles = [x[i % x.shape[0]: i % x.shape[0] + 1] for i in range(runs + 3)]
+    times = []
+    with deterministic(model):
+        for i, one in enumerate(singles):
+            start = time.perf_counter()
+            if mc_samples:
+                mc_probs(model, one, mc_samples, select)
+            else:
+                select_output(model(one), select)
+            if i >= 3:
+                times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- metrics
 def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-row KL(p || q) of two (N, C) probability tables, in nats."""
     p = p.clamp_min(0)
-    return (p * (p.clamp_min(eps).log() - q.clamp_min(eps).log())).sum(dim=1)
+    return (torch.xlogy(p, p) - p * q.clamp_min(eps).log()).sum(dim=1)
 
 
-def _result(method, probs, ref, labels, seconds, n, passes) -> MethodResult:
-    pred = probs.argmax(dim=1)
-    return MethodResult(
-        method=method,
-        error=None if labels is None else (pred != labels).float().mean().item(),
-        kl_to_mc=None if ref is None else kl_divergence(ref, probs).mean().item(),
-        agreement=None if ref is None else (pred == ref.argmax(dim=1)).float().mean().item(),
-        ms_per_input=1000 * seconds / n,
-        forward_passes=passes,
-    )
+def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> tuple[float, list]:
+    """Expected calibration error and the reliability diagram's (confidence, accuracy, count) bins."""
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece, table = 0.0, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        count = int(inside.sum())
+        if count:
+            acc, mean_conf = correct[inside].mean().item(), conf[inside].mean().item()
+            ece += count / len(conf) * abs(acc - mean_conf)
+            table.append((round(mean_conf, 4), round(acc, 4), count))
+    return ece, table
 
 
+def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor | None) -> dict:
+    """The quality metrics of one method's probabilities (see the module docstring)."""
+    out: dict = {}
+    if labels is not None:
+        out["error"] = (probs.argmax(1) != labels).float().mean().item()
+        out["nll"] = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
+        out["ece"], out["reliability"] = calibration(probs, labels)
+    if ref is not None:
+        out["kl_to_mc"] = kl_divergence(ref, probs).mean().item()
+        out["agreement"] = (probs.argmax(1) == ref.argmax(1)).float().mean().item()
+    return out
+
+
+def _summarise(method: str, runs: list[dict], params: int, passes: int) -> MethodResult:
+    result = MethodResult(method=method, parameters=params, forward_passes=passes)
+    for key in ("error", "nll", "ece", "kl_to_mc", "agreement", "latency_ms", "throughput"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            setattr(result, key, statistics.fmean(values))
+            result.std[key] = statistics.stdev(values) if len(values) > 1 else 0.0
+    result.reliability = runs[0].get("reliability", [])
+    return result
+
+
+# --------------------------------------------------------------------------- the comparison
 def evaluate(
     teacher: nn.Module,
     inputs: Inputs,
@@ -103,23 +181,81 @@ def evaluate(
     seed: int = 0,
     select: str | int | None = None,
     sample_drop_path: bool = False,
+    repeats: int = 1,
+    timing: bool = True,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 
     ``select`` picks the prediction among the models' outputs (default: logits / first tensor).
+    ``timing=False`` skips the batch-1 latency runs (for quick checks).
     """
     x = preprocess.prepare(inputs.x)
-    for model in [teacher, *(distilled or {}).values()]:
+    models = {"standard": teacher, **(distilled or {})}
+    for model in models.values():
         probe(model, x[:2], select)
     require_dropout(teacher, x[:2], sample_drop_path, select)
-    n, labels = len(inputs), inputs.labels
-    report = EvalReport(inputs=n, labelled=labels is not None, mc_samples=mc_samples)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mc, mc_seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path)
-    for name, model in {"standard": teacher, **(distilled or {})}.items():
+    labels = inputs.labels
+    runs: dict[str, list[dict]] = {name: [] for name in [*models, "mc"]}
+    deterministic_probs = {}
+    for name, model in models.items():
         probs, seconds = predict_probs(model, x, batch_size, select=select)
-        report.results.append(_result(name, probs, mc, labels, seconds, n, 1))
-    # The reference row goes second: standard, MC, then the distilled models.
-    report.results.insert(1, _result(f"mc-{mc_samples}", mc, None, labels, mc_seconds, n, mc_samples))
+        deterministic_probs[name] = probs
+        runs[name].append({"throughput": len(x) / seconds,
+                           "latency_ms": latency_ms(model, x, select=select) if timing else None})
+    for r in range(repeats):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + r)
+            mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path)
+            mc_latency = latency_ms(teacher, x, mc_samples, select, runs=10) if timing and r == 0 else None
+        runs["mc"].append({**metrics(mc, None, labels), "throughput": len(x) / seconds, "latency_ms": mc_latency})
+        for name, probs in deterministic_probs.items():
+            entry = metrics(probs, mc, labels)
+            if r == 0:
+                runs[name][0].update(entry)
+            else:
+                runs[name].append(entry)
+    report = EvalReport(inputs=len(x), labelled=labels is not None, mc_samples=mc_samples, repeats=repeats)
+    count = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    report.results.append(_summarise("standard", runs["standard"], count["standard"], 1))
+    report.results.append(_summarise(f"mc-{mc_samples}", runs["mc"], count["standard"], mc_samples))
+    for name in distilled or {}:
+        report.results.append(_summarise(name, runs[name], count[name], 1))
     return report
+
+
+def plot(report: EvalReport, path, force: bool = False) -> None:
+    """A PNG: each method's error (or KL to MC, without labels) with its std over repeats as
+    error bars, and the reliability diagram of every method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_output
+
+    key, label = ("error", "test error (%)") if report.labelled else ("kl_to_mc", "KL to MC average (nats)")
+    scale = 100 if key == "error" else 1
+    rows = [r for r in report.results if getattr(r, key) is not None]
+    fig, axes = plt.subplots(1, 2 if report.labelled else 1, figsize=(11 if report.labelled else 6, 4.2), squeeze=False)
+    ax = axes[0][0]
+    ax.bar([r.method for r in rows], [scale * getattr(r, key) for r in rows],
+           yerr=[scale * r.std.get(key, 0.0) for r in rows], capsize=6, color="#4C72B0")
+    ax.set_ylabel(label)
+    low = min(scale * getattr(r, key) for r in rows)
+    ax.set_ylim(bottom=max(0.0, 0.9 * low))
+    ax.set_title(f"{report.inputs} inputs, MC m={report.mc_samples}, {report.repeats} repeat(s)")
+    if report.labelled:
+        ax = axes[0][1]
+        ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+        for r in report.results:
+            if r.reliability:
+                conf, acc, _ = zip(*r.reliability)
+                ax.plot(conf, acc, "o-", ms=3, label=f"{r.method} (ECE {100 * r.ece:.2f}%)")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title("reliability diagram")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, force) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
