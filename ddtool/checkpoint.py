@@ -74,6 +74,7 @@ class LoadedModel:
     provenance: dict | None = None
     example: Any = None  # an input the format itself provides (HF dummy inputs, .pt2 sample inputs)
     input_spec: dict | None = None  # {"shape", "dtype"} of the model input, recorded in bundles
+    classes: list[str] | None = None  # class names, recorded in bundles
 
     @property
     def arch(self) -> str:
@@ -598,7 +599,7 @@ def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, arch_args
 
         example = spec_example(spec)
     return LoadedModel(model.eval(), "ddtool-bundle", path, digest, arch_ref=ref, preprocess=obj.get("preprocess"),
-                       provenance=obj.get("provenance"), example=example, input_spec=spec)
+                       provenance=obj.get("provenance"), example=example, input_spec=spec, classes=obj.get("classes"))
 
 
 def save_bundle(
@@ -608,6 +609,7 @@ def save_bundle(
     arch_ref: dict,
     preprocess: dict | None = None,
     input_spec: dict | None = None,
+    classes: list[str] | None = None,
     provenance: dict | None = None,
     force: bool = False,
 ) -> Path:
@@ -621,6 +623,7 @@ def save_bundle(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "preprocess": preprocess,
         "input": input_spec,
+        "classes": list(classes) if classes else None,
         "provenance": {
             "ddtool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -28,7 +28,8 @@ from .dropout import find_dropout, require_dropout
 from .outputs import parse_select
 from .errors import EXIT_INTERRUPTED, DDToolError, OutputError, UsageError
 from .evaluate import evaluate as run_evaluate, plot as plot_report
-from .export import FORMATS, export as run_export
+from .export import FORMATS, SUFFIXES, export_loaded
+from .predict import load_predictor, parse_classes, predict as run_predict, write_predictions
 from .files import check_output, write_text
 
 app = typer.Typer(
@@ -258,6 +259,8 @@ def distill(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
     cache_mb: Annotated[float, typer.Option(help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
+    export_formats: Annotated[Optional[str], typer.Option("--export", help="Also export and verify: onnx, torchscript, pt2, comma-separated (OUT/model.onnx, ...).")] = None,
+    classes: Classes = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
     force: Force = False,
@@ -267,6 +270,9 @@ def distill(
     OUT/resume.pt and exits with 130 (143); --resume continues."""
     bundle_path = check_output(out_dir / BUNDLE_NAME, force)
     history_path = check_output(out_dir / "history.json", force)
+    formats = _parse_formats(export_formats) if export_formats else []
+    export_paths = [check_output(out_dir / f"model{SUFFIXES[f]}", force) for f in formats]
+    class_names = parse_classes(classes)
     resume_path = out_dir / "resume.pt"
     if resume_path.exists() and not (resume or force):
         raise OutputError(f"{resume_path} holds an interrupted run: pass --resume to continue it or --force to start over")
@@ -300,12 +306,19 @@ def distill(
     provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256, "teacher_format": loaded.format,
                   "inputs": len(train), "held_out": 0 if val is None else len(val), "settings": config.as_dict(),
                   "best_epoch": result.best_epoch, **compression}
-    save_bundle(bundle_path, result.student, arch_ref=arch_ref, preprocess=pre.as_dict(),
+    save_bundle(bundle_path, result.student, arch_ref=arch_ref, preprocess=pre.as_dict(), classes=class_names,
                 input_spec=input_spec(pre, next(train.batches(torch.arange(1), 1))), provenance=provenance, force=force)
     write_text(history_path, json.dumps(result.history, indent=2) + "\n", force=force)
     summary = {"bundle": str(bundle_path), "inputs": len(train), "held_out": provenance["held_out"],
                "skipped": train.skipped, "best_epoch": result.best_epoch, "shared_prefix": result.shared_prefix,
-               **compression, "history": result.history}
+               **compression, "history": result.history, "exports": []}
+    if formats:  # from the bundle just written: what is exported is what was saved
+        bundle = load_model(bundle_path, trust=trust_checkpoint)
+        for fmt, path in zip(formats, export_paths):
+            exported = export_loaded(bundle, path, fmt, force=force, select=config.output)
+            summary["exports"].append(exported.as_dict())
+            if not as_json:
+                _print_export(exported)
     if as_json:
         _emit_json(summary)
     else:
@@ -389,36 +402,101 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- export
+Probabilities = Annotated[bool, typer.Option("--probabilities", help="ONNX/TorchScript/pt2: add a softmax 'probabilities' output to the graph.")]
+Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
+Atol = Annotated[float, typer.Option(help="Largest absolute difference from PyTorch allowed in the parity check.")]
+
+
+def _parse_formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UsageError(f"--format must be among {', '.join(FORMATS)} (comma-separated), not {text!r}")
+    return formats
+
+
 @app.command()
 @handles_errors
 def export(
     model: Annotated[Path, typer.Argument(help="Model to export: a distill --out folder or bundle, or any checkpoint ddtool reads.", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", help=f"Export format: {' or '.join(FORMATS)} (TorchScript is deprecated in torch 2.13 but still works).")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="onnx, torchscript (traced; deprecated in torch 2.13 but still loadable) or pt2 (torch.export).")] = "onnx",
     out_file: Annotated[Path, typer.Option("--out", help="File to write; kept only if it matches PyTorch.", show_default=False)] = ...,
     arch: Arch = None,
     arch_args: ArchArgs = None,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W. Default: the bundle's preprocessing.")] = None,
-    atol: Annotated[float, typer.Option(help="Largest absolute difference from PyTorch allowed in the parity check.")] = 1e-4,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W. Default: the bundle's.")] = None,
+    atol: Atol = 1e-4,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset version. Default: the exporter's.")] = None,
+    external_data: Annotated[bool, typer.Option("--external-data", help="ONNX: keep the weights in FILE.data beside the graph (for models over 2 GB).")] = False,
+    script: Annotated[bool, typer.Option("--script", help="TorchScript: torch.jit.script instead of tracing.")] = False,
+    probabilities: Probabilities = False,
+    classes: Classes = None,
+    output: Output = None,
     trust_checkpoint: Trust = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Export a model to ONNX or TorchScript and check it against PyTorch at two batch sizes."""
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    """Export a model to ONNX, TorchScript or torch.export and check it against PyTorch at batch 1 and 64."""
+    fmt = _parse_formats(fmt)
+    if len(fmt) != 1:
+        raise UsageError("export writes one format per --out; run it once per format")
     check_output(out_file, force)
     loaded = _load(model, arch, arch_args, trust_checkpoint)
-    shape = _ints(input_shape, "--input-shape", None)
-    if shape is None:
-        if not loaded.input_spec:
-            raise UsageError("this checkpoint records no input shape; pass --input-shape C,H,W")
-        shape = tuple(loaded.input_spec["shape"])
-    result = run_export(loaded.model, out_file, fmt, input_shape=shape, atol=atol, force=force)
+    result = export_loaded(loaded, out_file, fmt[0], input_shape=_ints(input_shape, "--input-shape", None),
+                           classes=parse_classes(classes), atol=atol, force=force, opset=opset,
+                           external_data=external_data, script=script, probabilities=probabilities,
+                           select=parse_select(output))
     if as_json:
         _emit_json(result.as_dict())
     else:
-        out.print(f"wrote {result.path} ({fmt}); parity at batch {' and '.join(map(str, result.parity_batches))}: "
-                  f"max |diff| {result.max_abs_diff:.2e} <= {atol:g}")
+        _print_export(result)
+
+
+def _print_export(result) -> None:
+    out.print(f"wrote {result.path} ({result.format}); parity at batch {' and '.join(map(str, result.parity_batches))}: "
+              f"max |diff| {result.max_abs_diff:.2e} <= {result.atol:g}")
+
+
+# ----------------------------------------------------------------------------- predict
+@app.command()
+@handles_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="An exported .onnx (run in onnxruntime), TorchScript or .pt2 file, or any checkpoint ddtool reads.", show_default=False)],
+    data: Data,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write predictions to FILE.csv or FILE.json instead of printing them.")] = None,
+    top_k: Annotated[int, typer.Option(help="Classes reported per input.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
+    arch: Arch = None,
+    arch_args: ArchArgs = None,
+    classes: Classes = None,
+    output: Output = None,
+    trust_checkpoint: Trust = False,
+    channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Predict the top-k classes of every input in a folder, with the model's own preprocessing."""
+    if out_file is not None:
+        check_output(out_file, force)
+    predictor = load_predictor(model, arch, parse_arch_args(arch_args), trust_checkpoint, parse_select(output),
+                               parse_classes(classes), channels=channels, size=_ints(size, "--size", 2),
+                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+    inputs = read_folder(data, predictor.preprocess, labelled=False)
+    rows = run_predict(predictor, inputs, top_k, batch_size)
+    if out_file is not None:
+        write_predictions(rows, out_file, force)
+        if as_json:
+            _emit_json({"predictions": str(out_file), "inputs": len(rows), "runtime": predictor.runtime})
+        else:
+            out.print(f"wrote {len(rows)} predictions ({predictor.runtime}) to {out_file}")
+    elif as_json:
+        _emit_json({"runtime": predictor.runtime, "predictions": rows})
+    else:
+        table = Table(title=f"{data}: {len(rows)} inputs, {predictor.runtime}")
+        table.add_column("file", overflow="fold")
+        table.add_column("top classes (probability)")
+        for r in rows:
+            table.add_row(r["file"], ", ".join(f"{t['class']} ({t['probability']:.3f})" for t in r["top"]))
+        out.print(table)
 
 
 def main() -> None:

@@ -1,36 +1,47 @@
-"""ONNX and TorchScript export, each ending in a parity check before the file is kept.
+"""ONNX, TorchScript and torch.export exports, each ending in a parity check before it is kept.
 
 An export is written to a temporary file beside the destination, checked, and only then moved
 onto it; a failed check raises :class:`ExportError` (with the largest difference seen) and leaves
-nothing behind. Parity compares the exported model with the PyTorch model on the same random
-inputs at two batch sizes, so a batch axis that was accidentally frozen is caught too.
+nothing behind. Parity compares the exported model, run in its own runtime (onnxruntime for ONNX,
+a reloaded archive for the others), with the PyTorch model on the same seeded inputs at batch 1
+and at a larger batch, so a batch axis that was accidentally frozen is caught too.
 
-ONNX uses torch's default (dynamo) exporter with a dynamic batch axis and the weights inside the
-one file. TorchScript is deprecated in torch 2.13 but still loads in C++ and in older stacks.
+ONNX uses torch's default (dynamo) exporter with a dynamic batch axis and, by default, the
+weights inside the one file; ``onnx.checker`` runs with the full check. The file carries
+``metadata_props``: the preprocessing, the class names and the provenance, as JSON, so that a
+server (or ``ddtool predict``) needs nothing else. TorchScript (deprecated in torch 2.13 but
+still loadable from C++) and torch.export (.pt2) archives carry the same JSON as an extra file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import os
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ExportError
 from .files import atomic_output
+from .outputs import select_output
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "pt2")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
 #: Batch sizes the parity check runs at: one, and a larger one to exercise the dynamic axis.
 PARITY_BATCHES = (1, 64)
+#: Name of the JSON metadata inside TorchScript and .pt2 archives.
+METADATA_FILE = "ddtool.json"
 
 
 @dataclass
@@ -43,9 +54,25 @@ class ExportResult:
     parity_batches: list[int]
     max_abs_diff: float
     atol: float
+    outputs: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class Servable(nn.Module):
+    """The model as it is served: one tensor in, its prediction out, and optionally the
+    class probabilities (softmax along ``class_dim``) as a second output."""
+
+    def __init__(self, model: nn.Module, select=None, probabilities: bool = False, class_dim: int = 1):
+        super().__init__()
+        self.model, self.select, self.probabilities, self.class_dim = model, select, probabilities, class_dim
+
+    def forward(self, x):
+        logits = select_output(self.model(x), self.select)
+        if self.probabilities:
+            return logits, F.softmax(logits, dim=self.class_dim)
+        return logits
 
 
 @contextlib.contextmanager
@@ -61,6 +88,7 @@ def quiet_fds() -> Iterator[None]:
     with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
             contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)  # torch's loggers hold their own stream objects
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
@@ -72,60 +100,99 @@ def quiet_fds() -> Iterator[None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+            logging.disable(logging.NOTSET)
 
 
-def _parity_inputs(input_shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+def parity_inputs(input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded inputs at each parity batch size: normal floats, or small non-negative integers."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn((b, *input_shape), generator=gen) for b in PARITY_BATCHES]
+    if dtype.is_floating_point:
+        return [torch.randn((b, *input_shape), generator=gen).to(dtype) for b in PARITY_BATCHES]
+    return [torch.randint(0, 2, (b, *input_shape), generator=gen).to(dtype) for b in PARITY_BATCHES]
 
 
-def _check_parity(reference: nn.Module, run, input_shape, atol: float, what: str) -> float:
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_parity(reference: nn.Module, run, inputs: list[torch.Tensor], atol: float, what: str) -> float:
     worst = 0.0
     with torch.no_grad():
-        for x in _parity_inputs(input_shape):
-            expected = reference(x).float().numpy()
-            got = np.asarray(run(x), dtype=np.float32)
-            if got.shape != expected.shape:
-                raise ExportError(f"{what} returned shape {got.shape} at batch {x.shape[0]}, PyTorch {expected.shape}")
-            diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
-            if not np.isfinite(diff) or diff > atol:
-                raise ExportError(f"{what} does not match PyTorch at batch {x.shape[0]}: largest difference {diff:.3g} > atol {atol:g}; nothing written")
-            worst = max(worst, diff)
+        for x in inputs:
+            expected = reference(x)
+            expected = [e.float().numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
+            got = run(x)
+            got = [np.asarray(g, dtype=np.float32) for g in (got if isinstance(got, (tuple, list)) else (got,))]
+            if [g.shape for g in got] != [e.shape for e in expected]:
+                raise ExportError(f"{what} returned shapes {[g.shape for g in got]} at batch {x.shape[0]}, "
+                                  f"PyTorch {[e.shape for e in expected]}; nothing written")
+            for g, e in zip(got, expected):
+                diff = float(np.max(np.abs(g - e))) if g.size else 0.0
+                if not np.isfinite(diff) or diff > atol:
+                    raise ExportError(f"{what} does not match PyTorch at batch {x.shape[0]}: largest difference "
+                                      f"{diff:.3g} > atol {atol:g}; nothing written")
+                worst = max(worst, diff)
     return worst
 
 
-def _export_onnx(model: nn.Module, tmp: Path, input_shape: tuple[int, ...], atol: float) -> float:
+def _export_onnx(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, atol: float, opts: dict) -> float:
     import onnx
     import onnxruntime as ort
 
-    example = torch.zeros((2, *input_shape))  # batch 2: a batch of 1 could be specialised away
+    names = ["logits", "probabilities"] if model.probabilities else ["logits"]
     try:
         with quiet_fds():
             torch.onnx.export(
-                model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
+                model, (example,), str(tmp), input_names=["input"], output_names=names,
                 dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+                opset_version=opts.get("opset"),
             )
+        proto = onnx.load(str(tmp))
+        for key, value in (opts.get("metadata") or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        if opts.get("data_file"):  # weights beside the graph, under the name they will keep
+            onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=opts["data_file"].name)
+        else:
+            onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - exporter failures come in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"ONNX export failed: {first}") from None
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        raise ExportError(f"ONNX export failed: {_first_line(err)}") from None
     name = session.get_inputs()[0].name
-    return _check_parity(model, lambda x: session.run(None, {name: x.numpy()})[0], input_shape, atol, "onnxruntime")
+    return _check_parity(model, lambda x: session.run(None, {name: x.numpy()}), inputs, atol, "onnxruntime")
 
 
-def _export_torchscript(model: nn.Module, tmp: Path, input_shape: tuple[int, ...], atol: float) -> float:
-    example = torch.zeros((2, *input_shape))
+def _export_torchscript(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, atol: float, opts: dict) -> float:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
-            traced = torch.jit.trace(model, example, check_trace=False)
-            torch.jit.save(traced, str(tmp))
+            if opts.get("script"):
+                if model.probabilities or model.select is not None:
+                    raise ExportError("--script exports the model as it is: drop --probabilities and --output")
+                compiled = torch.jit.script(model.model)
+            else:
+                compiled = torch.jit.trace(model, example, check_trace=False)
+            torch.jit.save(compiled, str(tmp), _extra_files={METADATA_FILE: json.dumps(opts.get("metadata") or {})})
             reloaded = torch.jit.load(str(tmp), map_location="cpu").eval()
+    except ExportError:
+        raise
     except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"TorchScript export failed: {first}") from None
-    return _check_parity(model, lambda x: reloaded(x).float().numpy(), input_shape, atol, "the reloaded TorchScript model")
+        raise ExportError(f"TorchScript export failed: {_first_line(err)}") from None
+    return _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
+
+
+def _export_pt2(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, atol: float, opts: dict) -> float:
+    try:
+        with quiet_fds():
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(opts.get("metadata") or {})})
+            reloaded = torch.export.load(str(tmp)).module()
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"torch.export failed: {_first_line(err)}") from None
+    return _check_parity(model, reloaded, inputs, atol, "the reloaded torch.export program")
 
 
 def export(
@@ -135,12 +202,83 @@ def export(
     input_shape: tuple[int, ...] = (1, 28, 28),
     atol: float = 1e-4,
     force: bool = False,
+    *,
+    input_dtype: str = "float32",
+    select=None,
+    probabilities: bool = False,
+    class_dim: int = 1,
+    opset: int | None = None,
+    external_data: bool = False,
+    script: bool = False,
+    metadata: dict | None = None,
 ) -> ExportResult:
-    """Export ``model`` (in eval mode) to ``out`` and verify it; ``input_shape`` excludes the batch."""
+    """Export ``model`` (in eval mode) to ``out`` and verify it; ``input_shape`` excludes the batch.
+
+    ``metadata`` (JSON-able values under string keys) goes into the file: ONNX metadata_props,
+    or an extra file ``ddtool.json`` of TorchScript and .pt2 archives.
+    """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    model = model.eval()
-    write = _export_onnx if format == "onnx" else _export_torchscript
-    with atomic_output(out, force) as tmp:
-        diff = write(model, tmp, tuple(input_shape), atol)
-    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol)
+    servable = Servable(model.eval(), select, probabilities, class_dim).eval()
+    dtype = getattr(torch, input_dtype)
+    inputs = parity_inputs(tuple(input_shape), dtype)
+    example = inputs[1][:2]  # batch 2: a batch of 1 could be specialised away
+    write = {"onnx": _export_onnx, "torchscript": _export_torchscript, "pt2": _export_pt2}[format]
+    data_file = Path(str(out) + ".data") if external_data and format == "onnx" else None
+    opts = {"opset": opset, "data_file": data_file, "script": script, "metadata": metadata}
+    try:
+        with atomic_output(out, force) as tmp:
+            diff = write(servable, tmp, example, inputs, atol, opts)
+    except BaseException:
+        if data_file is not None:
+            data_file.unlink(missing_ok=True)
+        raise
+    outputs = ["logits", "probabilities"] if probabilities else ["logits"]
+    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, outputs)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ddtool metadata of an exported file (ONNX metadata_props, or the archive's ddtool.json)."""
+    path = Path(path)
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return {p.key: json.loads(p.value) for p in proto.metadata_props if p.key.startswith("ddtool")}
+    except Exception:  # noqa: BLE001 - not ONNX: try the archives
+        pass
+    for load in (lambda extra: torch.jit.load(str(path), map_location="cpu", _extra_files=extra),
+                 lambda extra: torch.export.load(str(path), extra_files=extra)):
+        extra = {METADATA_FILE: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load(extra)
+            return json.loads(extra[METADATA_FILE] or "{}")
+        except Exception:  # noqa: BLE001 - not this kind of archive
+            continue
+    return {}
+
+
+def export_loaded(
+    loaded, out: str | os.PathLike, format: str = "onnx", *, input_shape: tuple[int, ...] | None = None,
+    classes: list[str] | None = None, **options,
+) -> ExportResult:
+    """:func:`export` for a :class:`ddtool.checkpoint.LoadedModel`: the input shape, dtype and
+    the metadata (preprocessing, class names, provenance) come from what the checkpoint records."""
+    from .errors import UsageError
+
+    spec = loaded.input_spec or {}
+    shape = tuple(input_shape) if input_shape else tuple(spec.get("shape") or ())
+    if not shape:
+        raise UsageError("this checkpoint records no input shape; pass --input-shape C,H,W")
+    metadata = {
+        "ddtool.preprocess": loaded.preprocess,
+        "ddtool.classes": classes or loaded.classes,
+        "ddtool.input": {"shape": list(shape), "dtype": spec.get("dtype", "float32")},
+        "ddtool.provenance": {"source": loaded.path.name, "source_sha256": loaded.sha256, "format": loaded.format,
+                              **(loaded.provenance or {})},
+    }
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+    return export(loaded.model, out, format, shape, input_dtype=spec.get("dtype", "float32"),
+                  metadata=metadata, **options)

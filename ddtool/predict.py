@@ -1,0 +1,155 @@
+"""The serving path: an exported or distilled model over a folder, top-k classes per file.
+
+A model is an ONNX file (run in onnxruntime, as a server would), a TorchScript or torch.export
+archive, or any checkpoint ddtool reads (bundles included). The preprocessing and the class
+names come from the file itself (ONNX metadata_props, the archive's ddtool.json, or the bundle),
+so the predictions are those the model will make in production.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model
+from .data import Inputs, Preprocess, resolve_preprocess
+from .errors import DataError, ModelError, UsageError
+from .export import read_metadata
+from .files import atomic_output
+from .outputs import select_output
+
+
+@dataclass
+class Predictor:
+    """A model ready to serve: ``probs(x)`` maps a prepared batch to class probabilities."""
+
+    probs: Callable[[torch.Tensor], torch.Tensor]
+    preprocess: Preprocess
+    classes: list[str] | None
+    runtime: str  # "onnxruntime" or "pytorch"
+    input_spec: dict | None = None
+
+
+def _is_onnx(path: Path) -> bool:
+    """ONNX files are protobuf ModelProto messages: field 1 (ir_version, a varint) comes first."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x08"
+
+
+def load_predictor(
+    path: str | os.PathLike, arch: str | None = None, arch_args: dict | None = None, trust: bool = False,
+    select=None, classes: list[str] | None = None, **preprocess_overrides,
+) -> Predictor:
+    """Open ``path`` for prediction; options given here override what the file records."""
+    path = Path(path)
+    if path.is_file() and _is_onnx(path):
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"onnxruntime could not open {path}: {str(err).strip().splitlines()[0]}") from None
+        meta = read_metadata(path)
+        name = session.get_inputs()[0].name
+        outputs = [o.name for o in session.get_outputs()]
+        wanted = "probabilities" if "probabilities" in outputs else outputs[0]
+
+        def probs(x: torch.Tensor) -> torch.Tensor:
+            out = torch.from_numpy(np.asarray(session.run([wanted], {name: x.numpy()})[0]))
+            return out if wanted == "probabilities" else F.softmax(out.float(), dim=1)
+
+        channels = (meta.get("ddtool.input") or {}).get("shape", [None])[0]
+        pre = resolve_preprocess(torch.nn.Identity(), meta.get("ddtool.preprocess"),
+                                 **_with_channels(preprocess_overrides, channels))
+        return Predictor(probs, pre, classes or meta.get("ddtool.classes"), "onnxruntime", meta.get("ddtool.input"))
+
+    loaded = load_model(path, arch=arch, arch_args=arch_args, trust=trust)
+    meta = read_metadata(path) if loaded.format in ("torchscript", "torch-export") else {}
+    recorded = loaded.preprocess or meta.get("ddtool.preprocess")
+    model = loaded.model.eval()
+
+    @torch.no_grad()
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        return F.softmax(select_output(out, select).float(), dim=1)
+
+    pre = resolve_preprocess(model, recorded, **preprocess_overrides)
+    names = classes or loaded.classes or meta.get("ddtool.classes")
+    return Predictor(probs, pre, names, "pytorch", loaded.input_spec or meta.get("ddtool.input"))
+
+
+def _with_channels(overrides: dict, channels) -> dict:
+    if overrides.get("channels") is None and channels in (1, 3):
+        return {**overrides, "channels": channels}
+    return overrides
+
+
+def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: int = 256) -> list[dict]:
+    """One record per input: its file and its top-k (class, index, probability)."""
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    rows = []
+    for start in range(0, len(inputs), batch_size):
+        raw = inputs.x[start:start + batch_size]
+        try:
+            probs = predictor.probs(predictor.preprocess.prepare(raw))
+        except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
+            raise ModelError(f"the model failed on inputs of shape {tuple(raw.shape)}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+        k = min(top_k, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
+            top = [{"index": j, "class": _name(predictor.classes, j), "probability": round(v, 6)} for v, j in zip(vals, idxs)]
+            rows.append({"file": str(inputs.paths[start + i]), "top": top})
+    return rows
+
+
+def _name(classes: list[str] | None, index: int) -> str:
+    return classes[index] if classes and index < len(classes) else str(index)
+
+
+def write_predictions(rows: list[dict], out: str | os.PathLike, force: bool = False) -> Path:
+    """Write predictions as CSV (file, then class/probability per rank) or JSON, by suffix."""
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        text = json.dumps(rows, indent=2) + "\n"
+    elif out.suffix.lower() == ".csv":
+        k = max((len(r["top"]) for r in rows), default=0)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["file"] + [f"{what}_{rank}" for rank in range(1, k + 1) for what in ("class", "probability")])
+        for r in rows:
+            writer.writerow([r["file"]] + [v for t in r["top"] for v in (t["class"], t["probability"])])
+        text = buffer.getvalue()
+    else:
+        raise UsageError(f"--out {out.name}: predictions are written as .csv or .json")
+    with atomic_output(out, force) as tmp:
+        tmp.write_text(text)
+    return out
+
+
+def parse_classes(text: str | None) -> list[str] | None:
+    """``--classes``: a comma-separated list, or the path of a text file with one name per line."""
+    if not text:
+        return None
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise DataError(f"--classes {text!r} names no classes")
+    return names
