@@ -279,15 +279,17 @@ def _torch_load(path: Path | io.BytesIO, what: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
         names = _unsafe_globals(path) if isinstance(path, Path) else []
+        if not names and "global" not in str(err).lower():  # a malformed pickle, not a forbidden one
+            raise CheckpointError(f"{what} could not be read (truncated or damaged?): {str(err).strip()[:200]}") from None
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         raise CheckpointError(
             f"{what} holds pickled Python objects" + (f" (it would import {shown})" if names else "")
             + "; ddtool loads weights only. Remedy: save model.state_dict() and pass --arch, "
             "or pass --trust-checkpoint if you trust whoever made this file"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - malformed pickles raise IndexError, AssertionError, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{what} could not be read (truncated or damaged?): {first}") from None
 

@@ -42,10 +42,10 @@ err_console = Console(stderr=True, highlight=False)
 _debug = False
 
 # ----------------------------------------------------------------------------- shared options
-Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint: state dict (+ --arch), TorchScript archive, or ddtool bundle / distill --out folder.", show_default=False)]
+Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint: state dict (+ --arch), TorchScript archive, or ddtool bundle / distill --out folder.", show_default=False, readable=False)]
 Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state dict: path/to/file.py:factory or package.module:factory.")]
 ArchArgs = Annotated[Optional[str], typer.Option("--arch-args", help="Keyword arguments for the --arch factory, as a JSON object.")]
-Data = Annotated[Path, typer.Option("--data", help="Folder of inputs (images, searched recursively; class subfolders = labels).", show_default=False)]
+Data = Annotated[Path, typer.Option("--data", help="Folder of inputs (images, searched recursively; class subfolders = labels).", show_default=False, readable=False)]
 Channels = Annotated[Optional[int], typer.Option("--channels", help="Input channels: 1 (grayscale) or 3 (RGB). Default: the bundle's, else the first conv's.")]
 Size = Annotated[Optional[str], typer.Option("--size", help="Resize inputs to H,W. Default: the bundle's, else each image's own size.")]
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted from [0,1] pixels, comma-separated. Default: bundle's, else 0.")]
@@ -159,7 +159,7 @@ def inspect(
     arch: Arch = None,
     arch_args: ArchArgs = None,
     input_shape: InputShape = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Run the model on the first input of this folder to find functional dropout.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Run the model on the first input of this folder to find functional dropout.", readable=False)] = None,
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
@@ -231,7 +231,7 @@ class DistillProgress:
 def distill(
     checkpoint: Checkpoint,
     data: Data,
-    out_dir: Annotated[Path, typer.Option("--out", help=f"Folder for the distilled bundle ({BUNDLE_NAME}), history.json and, while running, resume.pt.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help=f"Folder for the distilled bundle ({BUNDLE_NAME}), history.json and, while running, resume.pt.", show_default=False, readable=False)],
     arch: Arch = None,
     arch_args: ArchArgs = None,
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="A smaller student network (file.py:factory); tensors matching the teacher's are copied in.")] = None,
@@ -346,7 +346,7 @@ def evaluate(
     repeats: Annotated[int, typer.Option(help="Draw the MC reference this many times (new seed each) and report mean ± std.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Inputs per forward pass for the metrics and the throughput.")] = 256,
     timing: Annotated[bool, typer.Option("--timing/--no-timing", help="Measure batch-1 latency (default: on).")] = True,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: error with error bars per method, and a reliability diagram.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: error with error bars per method, and a reliability diagram.", readable=False)] = None,
     seed: Seed = 0,
     output: Output = None,
     sample_drop_path: SampleDropPath = False,
@@ -418,9 +418,9 @@ def _parse_formats(text: str) -> list[str]:
 @app.command()
 @handles_errors
 def export(
-    model: Annotated[Path, typer.Argument(help="Model to export: a distill --out folder or bundle, or any checkpoint ddtool reads.", show_default=False)],
+    model: Annotated[Path, typer.Argument(help="Model to export: a distill --out folder or bundle, or any checkpoint ddtool reads.", show_default=False, readable=False)],
     fmt: Annotated[str, typer.Option("--format", help="onnx, torchscript (traced; deprecated in torch 2.13 but still loadable) or pt2 (torch.export).")] = "onnx",
-    out_file: Annotated[Path, typer.Option("--out", help="File to write; kept only if it matches PyTorch.", show_default=False)] = ...,
+    out_file: Annotated[Path, typer.Option("--out", help="File to write; kept only if it matches PyTorch.", show_default=False, readable=False)] = ...,
     arch: Arch = None,
     arch_args: ArchArgs = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W. Default: the bundle's.")] = None,
@@ -460,9 +460,9 @@ def _print_export(result) -> None:
 @app.command()
 @handles_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="An exported .onnx (run in onnxruntime), TorchScript or .pt2 file, or any checkpoint ddtool reads.", show_default=False)],
+    model: Annotated[Path, typer.Argument(help="An exported .onnx (run in onnxruntime), TorchScript or .pt2 file, or any checkpoint ddtool reads.", show_default=False, readable=False)],
     data: Data,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write predictions to FILE.csv or FILE.json instead of printing them.")] = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write predictions to FILE.csv or FILE.json instead of printing them.", readable=False)] = None,
     top_k: Annotated[int, typer.Option(help="Classes reported per input.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
     arch: Arch = None,

@@ -389,13 +389,13 @@ def open_unlabelled(index: InputIndex, pre: Preprocess, positions: list[int], ca
                     workers: int | None = None, pin_memory: bool = False) -> UnlabelledSet:
     """Cache the inputs at ``positions`` if their decoded size fits ``cache_mb``, else stream them."""
     workers = default_workers() if workers is None else workers
-    probe = load_inputs(index, pre, positions[: min(len(positions), 8)])
-    per_item = probe.x[0].numel() * probe.x.element_size()
-    estimate = per_item * len(positions) / 2**20
-    if estimate <= cache_mb:
+    dataset = FolderDataset(index, pre, positions)
+    sample = next((x for x, _ in (dataset[i] for i in range(min(len(dataset), 64))) if x is not None), None)
+    estimate = sample.numel() * sample.element_size() * len(positions) / 2**20 if sample is not None else 0.0
+    if sample is None or estimate <= cache_mb:  # (nothing readable up front: reading all says why)
         inputs = load_inputs(index, pre, positions, workers)
         return UnlabelledSet(index, pre, positions, inputs.x, skipped=inputs.skipped, sample_shape=tuple(inputs.x.shape[1:]))
-    return UnlabelledSet(index, pre, positions, None, workers, pin_memory, sample_shape=tuple(probe.x.shape[1:]))
+    return UnlabelledSet(index, pre, positions, None, workers, pin_memory, sample_shape=tuple(sample.shape))
 
 
 def open_distill_data(
