@@ -14,7 +14,7 @@ from ddtool.checkpoint import load_model, sniff_format
 from ddtool.data import ARRAY_EXTS, IMAGE_EXTS, Preprocess, read_folder
 from ddtool.errors import DDToolError
 
-PROFILE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROFILE = settings(max_examples=int(__import__("os").environ.get("DDTOOL_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 HEADS = st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x04\x95", b"\x08", b"{", b"\x89PNG\r\n\x1a\n"])
 NAMES = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\\x00"), min_size=1, max_size=30)
 
