@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
+from . import __version__, parallel
 from .checkpoint import BUNDLE_NAME, load_model, parse_arch_args, save_bundle
 from .compress import parse_shrink, shrunk_student, student_from_arch
 from .data import example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
@@ -267,7 +267,8 @@ def distill(
     as_json: Json = False,
 ) -> None:
     """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
-    OUT/resume.pt and exits with 130 (143); --resume continues."""
+    OUT/resume.pt and exits with 130 (143); --resume continues. Data-parallel on N processes or GPUs:
+    torchrun --nproc-per-node N -m ddtool distill ... (--batch-size is then the global batch)."""
     bundle_path = check_output(out_dir / BUNDLE_NAME, force)
     history_path = check_output(out_dir / "history.json", force)
     formats = _parse_formats(export_formats) if export_formats else []
@@ -297,12 +298,17 @@ def distill(
     if student is not None:
         compression.update(teacher_parameters=_count(loaded.model), student_parameters=_count(student))
 
-    progress = DistillProgress()
+    world = parallel.from_environment()  # set by torchrun; one process otherwise
+    progress = DistillProgress() if world.main else None
     try:
         result = run_distill(loaded.model, train, pre, config, progress, val=val, student=student,
-                             checkpoint=resume_path, resume=resume, teacher_sha256=loaded.sha256)
+                             checkpoint=resume_path, resume=resume, teacher_sha256=loaded.sha256, world=world)
     finally:
-        progress.close()
+        if progress:
+            progress.close()
+        parallel.shutdown(world)
+    if not world.main:
+        return  # rank 0 writes the results
     provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256, "teacher_format": loaded.format,
                   "inputs": len(train), "held_out": 0 if val is None else len(val), "settings": config.as_dict(),
                   "best_epoch": result.best_epoch, **compression}

@@ -46,6 +46,8 @@ from .dropout import deterministic, find_dropout, require_dropout, set_mc
 from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, ModelError, UsageError
 from .files import atomic_output
 from .outputs import select_output
+from . import parallel
+from .parallel import SINGLE, World
 
 LOSSES = ("kl", "mse")
 OPTIMIZERS = ("sgd", "adam")
@@ -361,6 +363,7 @@ def distill(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     teacher_sha256: str | None = None,
+    world: World = SINGLE,
 ) -> DistillResult:
     """Distill ``model`` (trained with dropout) into a deterministic student on the inputs ``data``.
 
@@ -371,9 +374,14 @@ def distill(
     the teacher), for compression. ``checkpoint`` is where a resumable state is written after
     every epoch and on SIGINT/SIGTERM; ``resume`` continues from it. ``progress`` receives
     ``{"event": "step" | "epoch", ...}`` dicts. The input ``model`` is never modified.
+
+    Under torchrun, ``world`` (see ``ddtool.parallel``) makes this one of N data-parallel
+    processes: ``config.batch_size`` is the global batch, and only rank 0 writes ``checkpoint``.
     """
     config = config or DistillConfig()
-    device = resolve_device(config.device)
+    device = parallel.local_device(world, resolve_device(config.device))
+    parallel.init(world, device)
+    batch = parallel.local_batch(world, config.batch_size)
     if isinstance(data, torch.Tensor):
         train_pos, val_pos = split_positions(data.shape[0], config.val_fraction if val is None else 0.0, config.seed)
         if val_pos:
@@ -399,37 +407,47 @@ def distill(
     opt = _optimizer(params, config)
     sampler = TeacherSampler(teacher, config, example.to(device))
     loss_of = loss_fn(config)
-    run_teacher, run_student = (torch.compile(teacher), torch.compile(student)) if config.compile else (teacher, student)
+    trained = student
+    if world.distributed:  # gradients all-reduced across ranks at every backward pass
+        trained = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    run_teacher, run_student = (torch.compile(teacher), torch.compile(trained)) if config.compile else (teacher, trained)
     if config.compile:
         sampler.teacher = run_teacher
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
-    gen = torch.Generator().manual_seed(config.seed)  # perturbations, drawn in this process
+    rank_seed = config.seed + 1_000_003 * world.rank  # each rank its own masks and perturbations
+    gen = torch.Generator().manual_seed(rank_seed)  # perturbations, drawn in this process
     perturb = perturbation(config.perturb, config.flip, gen)
     val_ref = _val_reference(teacher, val, preprocess, config, device) if val is not None else None
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    steps_per_epoch = math.ceil(len(parallel.shard(world, torch.arange(n))) / batch)
     history: list[dict] = []
     start_epoch, start_step, best = 0, 0, None
     checkpoint = Path(checkpoint) if checkpoint else None
     rng_state = None
     if resume:
         state = load_resume_state(checkpoint, config)
+        if state.get("world_size", 1) != world.size:
+            raise UsageError(f"--resume: the interrupted run had {state.get('world_size', 1)} process(es), this one {world.size}")
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        rng_state, history, best = state["rng"], state["history"], state.get("best")
+        gen.set_state(state["generator"][world.rank])
+        rng_state, history, best = state["rng"][world.rank], state["history"], state.get("best")
         start_epoch, start_step = state["epoch"], state["step"]
 
     def save(epoch: int, step: int) -> None:
-        if checkpoint is not None:
+        if checkpoint is None:
+            return
+        states = parallel.gather(world, (torch.get_rng_state(), gen.get_state()))  # every rank's, for --resume
+        if world.main:
             _save_state(checkpoint, config=config.as_dict(), epoch=epoch, step=step, teacher_sha256=teacher_sha256,
                         student={k: v.detach().cpu() for k, v in student.state_dict().items()},
-                        optimizer=opt.state_dict(), generator=gen.get_state(), rng=torch.get_rng_state(),
-                        history=history, best=best)
+                        optimizer=opt.state_dict(), generator=[g for _, g in states], rng=[r for r, _ in states],
+                        history=history, best=best, world_size=world.size)
+        parallel.barrier(world)
 
     total_steps = steps_per_epoch * config.epochs
     with torch.random.fork_rng(devices=[]), stop_requests() as stop:
-        torch.manual_seed(config.seed)  # the teacher's dropout masks
+        torch.manual_seed(rank_seed)  # the teacher's dropout masks
         if rng_state is not None:
             torch.set_rng_state(rng_state)
         for epoch in range(start_epoch, config.epochs):
@@ -437,9 +455,9 @@ def distill(
             for group in opt.param_groups:
                 group["lr"] = lr
             skip = start_step if epoch == start_epoch else 0
-            order = _epoch_order(n, config.seed, epoch)[skip * config.batch_size:]
+            order = parallel.shard(world, _epoch_order(n, config.seed, epoch))[skip * batch:]
             t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for step, raw in enumerate(data.batches(order, config.batch_size), start=skip + 1):
+            for step, raw in enumerate(data.batches(order, batch), start=skip + 1):
                 # Alg. 2, lines 6-9: inputs from S, fresh gates sigma, one SGD step on l(f_sigma(x), q(x)).
                 x = preprocess.prepare(raw.to(device, non_blocking=True), perturb)
                 if channels_last:
@@ -448,7 +466,7 @@ def distill(
                     target = sampler.target(x)
                     out = select_output(run_student(x), config.output)
                 loss = loss_of(out, target)
-                if not torch.isfinite(loss):
+                if parallel.any_rank(world, int(not torch.isfinite(loss)), device):
                     where = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
                     raise ModelError(f"the distillation loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}; lower --lr")
                 opt.zero_grad(set_to_none=True)
@@ -460,12 +478,13 @@ def distill(
                     progress({"event": "step", "done": epoch * steps_per_epoch + step, "total": total_steps,
                               "epoch": epoch + 1, "loss": loss.item(), "lr": lr,
                               "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
-                if stop["signum"]:
+                signum = parallel.any_rank(world, stop["signum"], device)  # a stop on any rank stops all
+                if signum:
                     save(epoch, step)
-                    name = signal.Signals(stop["signum"]).name
+                    name = signal.Signals(signum).name
                     raise Interrupted(f"stopped by {name} at epoch {epoch + 1}, step {step}; "
                                       f"continue with --resume" + (f" (state in {checkpoint})" if checkpoint else ""),
-                                      stop["signum"])
+                                      signum)
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1), "seconds": round(seconds, 3),
                       "samples_per_s": round(seen / max(seconds, 1e-9), 1)}
@@ -484,7 +503,7 @@ def distill(
                 break
     if best is not None:
         student.load_state_dict(best["student"])
-    if checkpoint is not None:
+    if checkpoint is not None and world.main:
         checkpoint.unlink(missing_ok=True)  # finished: nothing left to resume
     return DistillResult(_frozen(student.eval().cpu()), history, best["epoch"] if best else None,
                          sampler.hook_module is not None)
