@@ -177,7 +177,7 @@ class TeacherSampler:
         return dict(self.teacher.named_modules()).get(sites[0].name)
 
     @contextlib.contextmanager
-    def _repeat_at_first_site(self, batch: int):
+    def _repeat_at_first_site(self, batch: int, k: int):
         fired = False
 
         def hook(_module, args, kwargs):
@@ -187,7 +187,7 @@ class TeacherSampler:
             fired = True
 
             def rep(a):
-                return a.repeat(self.k, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a
+                return a.repeat(k, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a
             return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
 
         handle = self.hook_module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -196,28 +196,29 @@ class TeacherSampler:
         finally:
             handle.remove()
 
-    def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hook_module is not None:
-            with self._repeat_at_first_site(x.shape[0]):
+    def _raw(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if self.hook_module is not None and k > 1:
+            with self._repeat_at_first_site(x.shape[0], k):
                 return select_output(self.teacher(x), self.config.output)
-        stacked = x.repeat(self.k, *([1] * (x.dim() - 1))) if self.k > 1 else x
+        stacked = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
         return select_output(self.teacher(stacked), self.config.output)
 
     @torch.no_grad()
     def _prefix_sharing_is_exact(self, example: torch.Tensor) -> bool:
         with deterministic(self.teacher):
             try:
-                shared = self._raw(example)
+                shared = self._raw(example, self.k)
             except Exception:  # noqa: BLE001 - a shape clash means sharing does not apply
                 return False
             plain = select_output(self.teacher(example.repeat(self.k, *([1] * (example.dim() - 1)))), self.config.output)
         return shared.shape == plain.shape and torch.allclose(shared, plain, atol=1e-5, rtol=1e-4)
 
     @torch.no_grad()
-    def target(self, x: torch.Tensor) -> torch.Tensor:
-        """The mean over K masked passes of the teacher's target-space output."""
-        out = to_target(self._raw(x), self.config)
-        return out.view(self.k, x.shape[0], *out.shape[1:]).mean(0)
+    def target(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """The mean over K (or ``k``) masked passes of the teacher's target-space output."""
+        k = k or self.k
+        out = to_target(self._raw(x, k), self.config)
+        return out.view(k, x.shape[0], *out.shape[1:]).mean(0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -477,7 +478,7 @@ def distill(
                 if progress:
                     progress({"event": "step", "done": epoch * steps_per_epoch + step, "total": total_steps,
                               "epoch": epoch + 1, "loss": loss.item(), "lr": lr,
-                              "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
+                              "samples_per_s": seen * world.size / max(time.perf_counter() - t0, 1e-9)})
                 signum = parallel.any_rank(world, stop["signum"], device)  # a stop on any rank stops all
                 if signum:
                     save(epoch, step)
@@ -487,7 +488,7 @@ def distill(
                                       signum)
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1), "seconds": round(seconds, 3),
-                      "samples_per_s": round(seen / max(seconds, 1e-9), 1)}
+                      "samples_per_s": round(seen * world.size / max(seconds, 1e-9), 1)}  # all ranks together
             if data.skipped:
                 record["skipped_files"] = data.skipped
             if val_ref is not None:

@@ -70,18 +70,26 @@ class EvalReport:
 
 
 # --------------------------------------------------------------------------- predictions
+def mc_sampler(model: nn.Module, example: torch.Tensor, select=None, sample_drop_path: bool = False):
+    """The distillation engine's teacher sampler, reused for MC dropout: m masks per input in
+    stacked batches, the deterministic prefix before the first dropout site computed once."""
+    from .distill import DistillConfig, TeacherSampler
+
+    with mc_mode(model, sample_drop_path):
+        return TeacherSampler(model, DistillConfig(teacher_samples=2, output=select, sample_drop_path=sample_drop_path), example)
+
+
 @torch.no_grad()
-def mc_probs(model: nn.Module, x: torch.Tensor, samples: int, select=None, sample_drop_path: bool = False) -> torch.Tensor:
+def mc_probs(model: nn.Module, x: torch.Tensor, samples: int, select=None, sample_drop_path: bool = False,
+             sampler=None) -> torch.Tensor:
     """MC dropout: the mean softmax of ``samples`` masked passes, copies stacked into big batches."""
+    sampler = sampler or mc_sampler(model, x[:2], select, sample_drop_path)
     per_pass = max(1, MC_ROWS // max(1, x.shape[0]))
-    total, left = None, samples
+    total, left = 0.0, samples
     with mc_mode(model, sample_drop_path):
         while left:
             k = min(per_pass, left)
-            stacked = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
-            probs = F.softmax(select_output(model(stacked), select).float(), dim=1)
-            part = probs.view(k, x.shape[0], -1).sum(0)
-            total = part if total is None else total + part
+            total = total + sampler.target(x, k) * k
             left -= k
     return total / samples
 
@@ -96,11 +104,12 @@ def predict_probs(
     softmax of ``m`` masked passes (MC dropout).
     """
     probs = []
+    sampler = mc_sampler(model, x[:2], select, sample_drop_path) if mc_samples else None
     start = time.perf_counter()
     with deterministic(model):
         for chunk in x.split(batch_size):
             if mc_samples:
-                probs.append(mc_probs(model, chunk, mc_samples, select, sample_drop_path))
+                probs.append(mc_probs(model, chunk, mc_samples, select, sample_drop_path, sampler))
             else:
                 probs.append(F.softmax(select_output(model(chunk), select).float(), dim=1))
     return torch.cat(probs), time.perf_counter() - start
@@ -110,12 +119,13 @@ def predict_probs(
 def latency_ms(model: nn.Module, x: torch.Tensor, mc_samples: int = 0, select=None, runs: int = 30) -> float:
     """Median milliseconds to predict one input (after a warm-up), over ``runs`` inputs."""
     singles = [x[i % x.shape[0]: i % x.shape[0] + 1] for i in range(runs + 3)]
+    sampler = mc_sampler(model, x[:2], select) if mc_samples else None
     times = []
     with deterministic(model):
         for i, one in enumerate(singles):
             start = time.perf_counter()
             if mc_samples:
-                mc_probs(model, one, mc_samples, select)
+                mc_probs(model, one, mc_samples, select, sampler=sampler)
             else:
                 select_output(model(one), select)
             if i >= 3:

@@ -1,0 +1,201 @@
+"""Distillation throughput: ddtool against its floor and against a plain loop; K samples; memory.
+
+    .venv/bin/python benchmarks/distill_speed.py                 # all of it (about 40 minutes on 2 cores)
+    .venv/bin/python benchmarks/distill_speed.py --only memory   # one part: floor, plain, k, memory
+
+* floor: the student's own forward and backward pass (KL loss) on the same prepared batches,
+  timed in the same process right after ddtool's epoch; the target is ddtool <= 1.5x floor at K=1.
+* plain: a straightforward PyTorch loop of Algorithm 2 (below) reading the same PNG folder
+  through a standard DataLoader, same model, batch, threads and epochs; the target is ddtool
+  >= 1.5x faster. ddtool's time includes decoding the folder into its cache.
+* k: a distillation epoch at K=8 against K=1 (target <= 1.3x on LeNet, where dropout sits only
+  before the last layer and the shared prefix is almost the whole network).
+* memory: peak resident memory of `ddtool distill` on the 60,000-image folder (target < 2 GB).
+
+Teachers are freshly initialised networks: speed does not depend on what the weights are.
+Results go to benchmarks/results/distill_speed*.json; BENCHMARKS.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, BUILD, fmnist_folder, fmt, save, seed_all  # noqa: E402
+from nets import NETS  # noqa: E402
+
+from ddtool.data import Preprocess, default_workers, index_folder, open_unlabelled, perturbation  # noqa: E402
+from ddtool.distill import DistillConfig, distill, kl_loss  # noqa: E402
+
+BATCH = 64
+
+
+# --------------------------------------------------------------------------- the plain loop
+class PngFolder(torch.utils.data.Dataset):
+    """What a straightforward implementation reads with: one PIL decode per item per epoch."""
+
+    def __init__(self, root: Path):
+        self.files = sorted(root.glob("*.png"))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = np.asarray(Image.open(self.files[i]).convert("L"), dtype=np.float32) / 255.0
+        return torch.from_numpy(image)[None]
+
+
+def plain_distill(model, folder: Path, epochs: int, seed: int, lr: float = 0.01) -> list[float]:
+    """Algorithm 2 as anyone would first write it. Returns the seconds of each epoch."""
+    torch.manual_seed(seed)
+    teacher = copy.deepcopy(model).train()  # dropout on (these nets have no BatchNorm)
+    student = copy.deepcopy(model).eval()
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9)
+    loader = torch.utils.data.DataLoader(PngFolder(folder), batch_size=BATCH, shuffle=True, num_workers=default_workers())
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for x in loader:
+            x = x * (torch.rand(x.shape[0], 1, *x.shape[2:]) >= 0.2)  # pixels zeroed with p = 0.2
+            with torch.no_grad():
+                target = F.softmax(teacher(x), dim=1)
+            loss = F.kl_div(F.log_softmax(student(x), dim=1), target, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# --------------------------------------------------------------------------- ddtool and its floor
+def ddtool_run(model, folder: Path, epochs: int, seed: int, k: int = 1):
+    """ddtool's API on the folder: (seconds to open/cache it, seconds per epoch, the data set)."""
+    pre = Preprocess(channels=1)
+    start = time.perf_counter()
+    index = index_folder(folder, labelled=False)
+    data = open_unlabelled(index, pre, list(range(len(index))))
+    opened = time.perf_counter() - start
+    result = distill(model, data, pre, DistillConfig(epochs=epochs, batch_size=BATCH, teacher_samples=k, seed=seed))
+    return opened, [r["seconds"] for r in result.history], data, result.shared_prefix
+
+
+def floor_epoch(model, data, seed: int) -> float:
+    """The student's forward + backward on the same batches (prepared beforehand, not timed)."""
+    pre, gen = Preprocess(channels=1), torch.Generator().manual_seed(seed)
+    perturb = perturbation(0.2, "", gen)
+    order = torch.randperm(len(data), generator=gen)
+    batches = [pre.prepare(raw, perturb) for raw in data.batches(order, BATCH)]
+    targets = [F.softmax(torch.randn(b.shape[0], 10, generator=gen), dim=1) for b in batches]
+    student = copy.deepcopy(model).eval()
+    start = time.perf_counter()
+    for x, target in zip(batches, targets):
+        student.zero_grad(set_to_none=True)
+        kl_loss(student(x), target).backward()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- the parts
+def part_floor(args) -> dict:
+    rows = {}
+    for name in args.nets:
+        folder = fmnist_folder("train", args.inputs)
+        ratios, epochs, floors = [], [], []
+        for seed in range(args.seeds):
+            seed_all(seed)
+            model = NETS[name]()
+            _, times, data, _ = ddtool_run(model, folder, 2, seed)
+            floor = floor_epoch(model, data, seed)
+            epochs.append(times[-1])  # the second, warm epoch
+            floors.append(floor)
+            ratios.append(times[-1] / floor)
+            print(f"floor {name} seed {seed}: epoch {times[-1]:.2f}s floor {floor:.2f}s ratio {ratios[-1]:.2f}", flush=True)
+        rows[name] = {"inputs": args.inputs, "epoch_s": epochs, "floor_s": floors, "ratio": ratios}
+    return rows
+
+
+def part_plain(args) -> dict:
+    rows = {}
+    for name in args.nets:
+        folder = fmnist_folder("train", args.inputs)
+        ours, plain, speedup = [], [], []
+        for seed in range(args.seeds):
+            seed_all(seed)
+            model = NETS[name]()
+            opened, times, _, _ = ddtool_run(model, folder, args.epochs, seed)
+            total_ours = opened + sum(times)
+            total_plain = sum(plain_distill(model, folder, args.epochs, seed))
+            ours.append(total_ours)
+            plain.append(total_plain)
+            speedup.append(total_plain / total_ours)
+            print(f"plain {name} seed {seed}: ddtool {total_ours:.1f}s plain {total_plain:.1f}s -> {speedup[-1]:.2f}x", flush=True)
+        rows[name] = {"inputs": args.inputs, "epochs": args.epochs, "ddtool_s": ours, "plain_s": plain, "speedup": speedup}
+    return rows
+
+
+def part_k(args) -> dict:
+    rows = {}
+    for name in ("lenet", "lenet_all"):
+        folder = fmnist_folder("train", args.inputs)
+        ratios = []
+        for seed in range(args.seeds):
+            seed_all(seed)
+            model = NETS[name]()
+            _, t1, _, _ = ddtool_run(model, folder, 2, seed, k=1)
+            _, t8, _, shared = ddtool_run(model, folder, 2, seed, k=8)
+            ratios.append(t8[-1] / t1[-1])
+            print(f"k {name} seed {seed}: K=1 {t1[-1]:.2f}s K=8 {t8[-1]:.2f}s ratio {ratios[-1]:.2f} shared prefix {shared}", flush=True)
+        rows[name] = {"inputs": args.inputs, "ratio_k8_k1": ratios, "shared_prefix": shared}
+    return rows
+
+
+def part_memory(args) -> dict:
+    folder = fmnist_folder("train", 60000)
+    ckpt = BUILD / "lenet_teacher.pt"
+    torch.save(NETS["lenet"]().state_dict(), ckpt)
+    rows = {}
+    for label, extra in (("cached", []), ("streamed", ["--cache-mb", "0"])):
+        peaks = []
+        for seed in range(args.seeds):
+            script = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+                      "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+            cmd = [sys.executable, "-c", script, sys.executable, "-m", "ddtool", "distill", str(ckpt),
+                   "--arch", f"{ROOT / 'benchmarks' / 'nets.py'}:lenet", "--data", str(folder),
+                   "--out", str(BUILD / f"mem_{label}"), "--epochs", "1", "--seed", str(seed), "--force", *extra]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            peaks.append(int(out) / 1024)  # ru_maxrss is in KiB on Linux
+            print(f"memory {label} seed {seed}: peak RSS {peaks[-1]:.0f} MiB", flush=True)
+        rows[label] = {"inputs": 60000, "peak_rss_mib": peaks}
+    return rows
+
+
+PARTS = {"floor": part_floor, "plain": part_plain, "k": part_k, "memory": part_memory}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=sorted(PARTS), action="append", help="run only these parts")
+    ap.add_argument("--nets", nargs="+", default=["lenet", "quick"], choices=sorted(NETS))
+    ap.add_argument("--inputs", type=int, default=20000, help="images in the folder (floor, plain, k)")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the plain comparison")
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args()
+    for part in args.only or list(PARTS):
+        doc = {"command": " ".join(["benchmarks/distill_speed.py", *sys.argv[1:]]), "args": vars(args),
+               "results": PARTS[part](args)}
+        print(save(f"distill_speed_{part}", doc))
+        for name, row in doc["results"].items():
+            print(part, name, {k: fmt(v) if isinstance(v, list) else v for k, v in row.items()})
+
+
+if __name__ == "__main__":
+    main()
