@@ -13,16 +13,20 @@ Used as ``--arch samples/quick.py:quick``.
 from torch import nn
 
 
-def quick(num_classes: int = 10, in_channels: int = 1, p: float = 0.3, width: int = 32) -> nn.Sequential:
-    """Build the Quick network; ``p`` is the dropout rate of every dropout layer."""
+def quick(num_classes: int = 10, in_channels: int = 1, p: float = 0.5, width: int = 32, pool: str = "max") -> nn.Sequential:
+    """Build the Quick network; ``p`` is the dropout rate of every dropout layer.
+
+    ``pool="max"`` max-pools after every conv; ``"quick"`` follows cifar10_quick (max, avg, avg).
+    """
     w = width
+
+    def pooling(i):
+        return nn.MaxPool2d(3, stride=2, padding=1) if pool == "max" or i == 0 else nn.AvgPool2d(3, stride=2, padding=1)
+
     return nn.Sequential(
-        nn.Conv2d(in_channels, w, 5, padding=2), nn.ReLU(), nn.Dropout(p),
-        nn.MaxPool2d(3, stride=2, padding=1),                      # 28 -> 14
-        nn.Conv2d(w, w, 5, padding=2), nn.ReLU(), nn.Dropout(p),
-        nn.AvgPool2d(3, stride=2, padding=1),                      # 14 -> 7
-        nn.Conv2d(w, 2 * w, 5, padding=2), nn.ReLU(), nn.Dropout(p),
-        nn.AvgPool2d(3, stride=2, padding=1),                      # 7 -> 4
+        nn.Conv2d(in_channels, w, 5, padding=2), nn.ReLU(), nn.Dropout(p), pooling(0),  # 28 -> 14
+        nn.Conv2d(w, w, 5, padding=2), nn.ReLU(), nn.Dropout(p), pooling(1),            # 14 -> 7
+        nn.Conv2d(w, 2 * w, 5, padding=2), nn.ReLU(), nn.Dropout(p), pooling(2),        # 7 -> 4
         nn.Flatten(),
         nn.Linear(2 * w * 4 * 4, 64), nn.ReLU(), nn.Dropout(p),
         nn.Linear(64, num_classes),
