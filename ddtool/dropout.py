@@ -137,6 +137,31 @@ def mc_average(model: nn.Module, x, samples: int, transform=None, sample_drop_pa
     return total / samples
 
 
+class FastMasks(TorchFunctionMode):
+    """Elementwise dropout with the same distribution, drawn four times faster on the CPU.
+
+    ``F.dropout`` draws its mask with ``bernoulli_`` (about 65 M elements/s on one of our
+    cores); a uniform draw compared with p gives the same Bernoulli(1 - p) mask at about 260 M
+    elements/s. With dropout on large activations (a conv layer's output), mask generation is
+    most of an MC forward pass, so the teacher samples its masks this way. Only elementwise
+    ``F.dropout`` / ``torch.dropout`` are replaced; the rest runs as written.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout or func is torch.dropout:
+            x = args[0]
+            p = float(_arg(args, kwargs, 1, ("p",), 0.5))
+            training = bool(_arg(args, kwargs, 2, ("training", "train"), True))
+            inplace = bool(_arg(args, kwargs, 3, ("inplace",), False))
+            if training and 0 < p < 1 and isinstance(x, torch.Tensor) and x.is_floating_point():
+                keep = torch.rand_like(x) >= p
+                if inplace:
+                    return x.mul_(keep).mul_(1.0 / (1.0 - p))
+                return x * keep * (1.0 / (1.0 - p))
+        return func(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- discovery
 def _module_site(name: str, module: nn.Module, sample_drop_path: bool) -> DropoutSite | None:
     name = name or "<root>"
