@@ -368,6 +368,8 @@ class UnlabelledSet:
         return len(self.positions) if self.cache is None else self.cache.shape[0]
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        if len(order) == 0:  # (``split`` of an empty order would yield one empty batch)
+            return
         if self.cache is not None:
             for idx in order.split(batch_size):
                 yield self.cache[idx]
