@@ -137,13 +137,31 @@ def mc_average(model: nn.Module, x, samples: int, transform=None, sample_drop_pa
     return total / samples
 
 
-class FastMasks(TorchFunctionMode):
-    """Elementwise dropout with the same distribution, drawn four times faster on the CPU.
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A Bernoulli(1 - p) keep mask with the shape and strides of ``x``, from 16 random bits each.
 
-    ``F.dropout`` draws its mask with ``bernoulli_`` (about 65 M elements/s on one of our
-    cores); a uniform draw compared with p gives the same Bernoulli(1 - p) mask at about 260 M
-    elements/s. With dropout on large activations (a conv layer's output), mask generation is
-    most of an MC forward pass, so the teacher samples its masks this way. Only elementwise
+    ``bernoulli_`` (what ``F.dropout`` uses) draws about 65 M elements/s on one of our cores and
+    ``rand_like(x) >= p`` about 340 M/s; on the CPU one 64-bit draw here gives four 16-bit
+    uniforms u, and an element is kept when u >= round(65536 p) (u taken from -32768), so
+    P(keep) = 1 - p', with p' = round(65536 p) / 65536 within 7.7e-6 of p (exact for p = k/2^16,
+    e.g. 0.5 or 0.25; ``rand_like`` is itself quantised at 2^-24). Measured with the multiply
+    by the mask: 340 M elements/s against 170 M/s for ``rand_like``. Other devices, and tensors
+    that are not dense in a standard layout, use ``rand_like``.
+    """
+    n = x.numel()
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    if x.device.type != "cpu" or not dense or n == 0:
+        return torch.rand_like(x) >= p
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    uniform = words.view(torch.int16)[:n].as_strided(x.size(), x.stride())
+    return uniform >= round(p * 65536) - 32768
+
+
+class FastMasks(TorchFunctionMode):
+    """Elementwise dropout with the same distribution (see :func:`keep_mask`), drawn faster.
+
+    With dropout on large activations (a conv layer's output), mask generation is a large part
+    of an MC forward pass, so the teacher samples its masks this way. Only elementwise
     ``F.dropout`` / ``torch.dropout`` are replaced; the rest runs as written.
     """
 
@@ -155,7 +173,7 @@ class FastMasks(TorchFunctionMode):
             training = bool(_arg(args, kwargs, 2, ("training", "train"), True))
             inplace = bool(_arg(args, kwargs, 3, ("inplace",), False))
             if training and 0 < p < 1 and isinstance(x, torch.Tensor) and x.is_floating_point():
-                keep = torch.rand_like(x) >= p
+                keep = keep_mask(x, p)
                 if inplace:
                     return x.mul_(keep).mul_(1.0 / (1.0 - p))
                 return x * keep * (1.0 / (1.0 - p))

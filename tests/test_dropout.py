@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dropout_zoo import ZOO, ConvBN, Residual
-from ddtool.dropout import find_dropout, mc_average, mc_mode, require_dropout
+from ddtool.dropout import FastMasks, find_dropout, keep_mask, mc_average, mc_mode, require_dropout
 from ddtool.errors import NoDropoutError
 
 
@@ -111,3 +111,43 @@ def test_scripted_model_sites_and_sampling():
     scripted = torch.jit.script(ConvBN().eval())
     assert [(s.name, s.kind) for s in find_dropout(scripted, torch.randn(2, 1, 8, 8))] == [("drop", "Dropout")]
     require_dropout(scripted, torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2, 0.1])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_fast_masks_keep_each_element_with_probability_one_minus_p(p, layout):
+    """keep_mask: the keep rate is 1 - p within 5 standard errors, masks follow the layout of the
+    input, neighbouring elements (which share a 64-bit draw) are uncorrelated, and FastMasks
+    scales kept elements by 1 / (1 - p) like F.dropout."""
+    torch.manual_seed(0)
+    x = torch.ones(64, 8, 24, 24)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, ::2]
+    keep = keep_mask(x, p).float()
+    assert keep.shape == x.shape
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
+    flat = keep.flatten()
+    corr = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()
+    assert abs(corr) < 5 / n ** 0.5
+    with FastMasks():
+        y = torch.nn.functional.dropout(x, p, training=True)
+    values = torch.unique(y)
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / (1 - p))
+    with FastMasks():
+        assert torch.equal(torch.nn.functional.dropout(x, p, training=False), x)
+
+
+def test_fast_masks_give_the_same_mc_average_as_f_dropout():
+    """MC averages of a conv net through FastMasks and through F.dropout agree within noise."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Dropout(0.3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 9, 3)).train()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        plain = torch.stack([net(x) for _ in range(4000)])
+        with FastMasks():
+            fast = torch.stack([net(x) for _ in range(4000)])
+    stderr = (plain.std(0) ** 2 / 4000 + fast.std(0) ** 2 / 4000).sqrt()
+    assert ((plain.mean(0) - fast.mean(0)).abs() < 5 * stderr + 1e-6).all()
