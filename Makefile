@@ -24,7 +24,7 @@ test: $(STAMP)
 # The embedded sample end to end: inspect, distill, evaluate, export (under 5 minutes on 2 cores).
 demo: $(STAMP)
 	$(DDTOOL) inspect $(SAMPLE) --input-shape 1,28,28
-	$(DDTOOL) distill $(SAMPLE) --data samples/unlabelled --out $(DEMO)/distilled --force
+	$(DDTOOL) distill $(SAMPLE) --data samples/unlabelled --out $(DEMO)/distilled --classes samples/classes.txt --force
 	$(DDTOOL) export $(DEMO)/distilled --format onnx --out $(DEMO)/distilled.onnx --force
 	$(DDTOOL) evaluate $(SAMPLE) --data samples/eval --distilled $(DEMO)/distilled
 
