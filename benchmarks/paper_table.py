@@ -26,7 +26,8 @@ Teachers: Quick is the embedded sample (samples/fmnist_quick.pt, trained with dr
 training images (SGD, momentum 0.9, the rate cut tenfold for the last third) and cached under
 build/bench/paper/. Distillation uses ddtool's API (``ddtool.distill``) on the first
 ``--s-size`` training images held as a tensor; no label is read after the teacher is trained.
-Results: benchmarks/results/paper_table_<part>.json and benchmarks/results/compression.png.
+Results: benchmarks/results/paper_table_<part>.json (with ``--tag T``: paper_table_<part>_T.json)
+and benchmarks/results/compression.png.
 """
 
 from __future__ import annotations
@@ -358,6 +359,7 @@ def main() -> None:
                     help=f"a variant of the Quick row for the tried part (repeatable); keys: {', '.join(TRY_KEYS)}")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     ap.add_argument("--compress-seeds", type=int, default=2)
+    ap.add_argument("--tag", default="", help="write paper_table_<part>_<tag>.json, keeping earlier results of the part")
     args = ap.parse_args()
     args.tries = args.tries or ["k=1", "epochs=30"]
     d = data(args)
@@ -366,7 +368,7 @@ def main() -> None:
         results = PARTS[part](d, args)
         doc = {"command": " ".join(["benchmarks/paper_table.py", *sys.argv[1:]]), "args": vars(args),
                "wall_s": time.perf_counter() - start, "results": results}
-        print(save(f"paper_table_{part}", doc))
+        print(save(f"paper_table_{part}" + (f"_{args.tag}" if args.tag else ""), doc))
         print(summary(part, results, args.mc), flush=True)
 
 
