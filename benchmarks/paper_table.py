@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BUILD, RESULTS, ROOT, fmt, mean_std, save, seed_all  # noqa: E402
+from common import BUILD, RESULTS, ROOT, fmt, mean_std, median_ms, save, seed_all  # noqa: E402
 from nets import NETS  # noqa: E402
 
 import fashion_mnist  # noqa: E402  (on the path through common)
@@ -132,12 +131,22 @@ def mc_error(name: str, model, x, y, args, seed: int) -> float:
     return cached(key, lambda: {"error": error(model, x, y, args.mc, seed)})["error"]
 
 
-def distilled(model, s: torch.Tensor, args, seed: int, *, k=None, epochs=None, perturb=None, flip="", lr=None,
-              student=None):
-    epochs = epochs or args.epochs
-    config = DistillConfig(epochs=epochs, lr=lr or args.lr, lr_drop_epoch=max(1, round(epochs * 2 / 3)),
-                           teacher_samples=k or args.k, perturb=args.perturb if perturb is None else perturb,
-                           flip=flip, batch_size=64, seed=seed, device="cpu")
+def settings_of(args, s_name: str, s_size: int, *, k=None, epochs=None, lr=None, perturb=None, flip="") -> dict:
+    """A row's distillation settings: the command line's, with the given ones changed. They are
+    both what ``distilled`` runs and the row's key in the cache and the results."""
+    settings = {"k": k or args.k, "epochs": epochs or args.epochs, "lr": lr or args.lr,
+                "perturb": args.perturb if perturb is None else perturb, "s": s_name, "s_size": s_size}
+    if flip:
+        settings["flip"] = flip
+    return settings
+
+
+def distilled(model, s: torch.Tensor, settings: dict, seed: int, student=None):
+    """Distill ``model`` on ``s`` with ``settings`` (see settings_of): (student, seconds)."""
+    epochs = settings["epochs"]
+    config = DistillConfig(epochs=epochs, lr=settings["lr"], lr_drop_epoch=max(1, round(epochs * 2 / 3)),
+                           teacher_samples=settings["k"], perturb=settings["perturb"], flip=settings.get("flip", ""),
+                           batch_size=64, seed=seed, device="cpu")
     start = time.perf_counter()
     result = distill(model, s, PRE, config, student=student)
     return result.student, time.perf_counter() - start
@@ -155,13 +164,10 @@ def row(name, model, d, args, s=None, s_name="train", **kw) -> dict:
     s = d["train_x"][: args.s_size] if s is None else s
     out = {"standard": [], "mc": [], "distilled": [], "seconds": []}
     standard = error(model, x, y)
-    settings = {"k": kw.get("k") or args.k, "epochs": kw.get("epochs") or args.epochs, "lr": kw.get("lr") or args.lr,
-                "perturb": args.perturb if kw.get("perturb") is None else kw["perturb"], "s": s_name, "s_size": len(s)}
-    if kw.get("flip"):
-        settings["flip"] = kw["flip"]
+    settings = settings_of(args, s_name, len(s), **kw)
     for seed in range(args.seeds):
         def run():
-            student, seconds = distilled(model, s, args, seed, **kw)
+            student, seconds = distilled(model, s, settings, seed)
             return {"distilled": error(student, x, y), "seconds": seconds}
         key = {"what": "distilled", "net": name, "test": len(x), "seed": seed, "teacher": teacher_tag(name, args), **settings}
         measured = cached(key, run)
@@ -179,15 +185,9 @@ def row(name, model, d, args, s=None, s_name="train", **kw) -> dict:
 
 def naive_mc_ms(model, x, m: int, runs: int = 10) -> float:
     """Median ms per input of MC dropout as it is usually written: m masked passes, one by one."""
-    times = []
+    singles = [x[i % len(x): i % len(x) + 1] for i in range(runs + 2)]
     with torch.no_grad(), mc_mode(model):
-        for i in range(runs + 2):
-            one = x[i % len(x): i % len(x) + 1]
-            start = time.perf_counter()
-            torch.stack([model(one).softmax(1) for _ in range(m)]).mean(0)
-            if i >= 2:
-                times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+        return median_ms(lambda one: torch.stack([model(one).softmax(1) for _ in range(m)]).mean(0), singles, warmup=2)
 
 
 def latencies(model, student, x, args) -> dict:
@@ -203,8 +203,7 @@ def part_table(d, args) -> dict:
     rows = {}
     for name in args.nets:
         model = teacher(name, d, args)
-        r = row(name, model, d, args)
-        rows[name] = r
+        rows[name] = row(name, model, d, args)
     return rows
 
 
@@ -267,7 +266,7 @@ def part_compress(d, args) -> dict:
     x, y = test_inputs(d, args)
     total = sum(p.numel() for p in model.parameters())
     s = d["train_x"][: args.s_size]
-    settings = {"k": args.k, "epochs": args.epochs, "lr": args.lr, "perturb": args.perturb, "s": "train", "s_size": len(s)}
+    settings = settings_of(args, "train", len(s))
     points = []
     for fraction in args.fractions:
         shrunk, _ = shrunk_student(model, {}, {layer: fraction for layer in QUICK_LAYERS})
@@ -275,7 +274,7 @@ def part_compress(d, args) -> dict:
         dist, undistilled = [], error(shrunk, x, y)
         for seed in range(args.compress_seeds):
             def run():
-                student, seconds = distilled(model, s, args, seed, student=shrunk_student(model, {}, {l: fraction for l in QUICK_LAYERS})[0])
+                student, seconds = distilled(model, s, settings, seed, student=copy.deepcopy(shrunk))  # trained in place
                 return {"distilled": error(student, x, y), "seconds": seconds}
             # all units kept is the table's Quick row: the same key, measured once
             extra = {} if fraction == 1.0 else {"shrink": fraction}
