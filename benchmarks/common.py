@@ -49,6 +49,18 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
 
 
+def median_ms(run, inputs, warmup: int = 50) -> float:
+    """Median milliseconds of ``run(x)`` over ``inputs``, the first ``warmup`` of them untimed."""
+    for x in inputs[:warmup]:
+        run(x)
+    times = []
+    for x in inputs[warmup:]:
+        start = time.perf_counter()
+        run(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

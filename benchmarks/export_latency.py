@@ -10,32 +10,18 @@ drawn from that seed; the table reports the median per seed, then mean ± std ov
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, fmt, save  # noqa: E402
+from common import ROOT, fmt, median_ms, save  # noqa: E402
 
 from ddtool.checkpoint import load_model  # noqa: E402
 from ddtool.export import export  # noqa: E402
-
-
-def median_ms(run, inputs) -> float:
-    for x in inputs[:50]:
-        run(x)
-    times = []
-    for x in inputs[50:]:
-        start = time.perf_counter()
-        run(x)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def main() -> None:
