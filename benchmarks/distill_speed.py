@@ -10,6 +10,8 @@
   >= 1.5x faster. ddtool's time includes decoding the folder into its cache.
 * k: a distillation epoch at K=8 against K=1 (target <= 1.3x on LeNet, where dropout sits only
   before the last layer and the shared prefix is almost the whole network).
+* denormal: Quick's floor ratio with and without ``torch.set_flush_denormal(True)``, alternated
+  within each seed (is denormal arithmetic what makes some Quick runs slow?).
 * memory: peak resident memory of `ddtool distill` on the 60,000-image folder (target < 2 GB): the
   largest process, and the sum over the process tree (DataLoader workers included).
 
@@ -163,6 +165,32 @@ def part_k(args) -> dict:
     return rows
 
 
+def part_denormal(args) -> dict:
+    """Quick's floor ratio with and without flushing denormal floats to zero, alternated within
+    each seed: is denormal arithmetic what makes some runs slow?"""
+    folder = fmnist_folder("train", args.inputs)
+    rows = {}
+    for flush in (False, True):
+        rows[f"quick flush_denormal={flush}"] = {"inputs": args.inputs, "epoch_s": [], "floor_s": [], "ratio": []}
+    try:
+        for seed in range(args.seeds):
+            for flush in (False, True):
+                torch.set_flush_denormal(flush)
+                seed_all(seed)
+                model = NETS["quick"]()
+                _, times, data, _ = ddtool_run(model, folder, 2, seed)
+                floor = floor_epoch(model, data, seed)
+                r = rows[f"quick flush_denormal={flush}"]
+                r["epoch_s"].append(times[-1])
+                r["floor_s"].append(floor)
+                r["ratio"].append(times[-1] / floor)
+                print(f"denormal flush={flush} seed {seed}: epochs {[round(t, 2) for t in times]} "
+                      f"floor {floor:.2f}s ratio {r['ratio'][-1]:.2f}", flush=True)
+    finally:
+        torch.set_flush_denormal(False)
+    return rows
+
+
 def _tree_rss_mib(root: int) -> float:
     """The summed VmRSS of ``root`` and all its descendants (DataLoader workers included). Pages
     that forked workers share with their parent count twice, so this is an upper bound."""
@@ -218,7 +246,7 @@ def part_memory(args) -> dict:
     return rows
 
 
-PARTS = {"floor": part_floor, "plain": part_plain, "k": part_k, "memory": part_memory}
+PARTS = {"floor": part_floor, "plain": part_plain, "k": part_k, "denormal": part_denormal, "memory": part_memory}
 
 
 def main() -> None:
