@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Preprocess, UnlabelledSet, perturbation, split_positions
-from .dropout import FastMasks, deterministic, find_dropout, require_dropout, set_mc
+from .dropout import FastMasks, deterministic, dropout_shapes, first_site, require_dropout, set_mc
 from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, ModelError, UsageError
 from .files import atomic_output
 from .outputs import select_output
@@ -157,9 +157,13 @@ class TeacherSampler:
     The K copies of a batch are stacked into one batch of K*B rows, so each row gets its own
     dropout masks. With ``share_prefix`` the stacking happens at the first dropout site instead
     of at the input: a forward pre-hook on the module that owns that site repeats its inputs K
-    times, so everything before it runs once. Whether this is valid for the model (no skip
-    connection around the site carrying the unrepeated batch, say) is checked once, in eval
-    mode, against the plain K-fold stack; if the two differ, the plain stack is used.
+    times, so everything before it runs once. That site is the first to *run* (not the first
+    registered): a dropout running before it would draw one mask for all K copies. Whether
+    sharing is valid for the model is checked once against the plain K-fold stack: in eval
+    mode the outputs must agree (no skip connection around the site carrying the unrepeated
+    batch, say), and in MC mode every dropout call must see the same shape as in the plain
+    stack, K x B rows (no branch computed from the unrepeated batch drops units). If either
+    check fails, the plain stack is used.
     """
 
     def __init__(self, teacher: nn.Module, config: DistillConfig, example: torch.Tensor):
@@ -171,10 +175,8 @@ class TeacherSampler:
                 self.hook_module = None
 
     def _first_site_module(self, example) -> nn.Module | None:
-        sites = [s for s in find_dropout(self.teacher, example, self.config.sample_drop_path) if s.sampled and s.calls]
-        if not sites or sites[0].name == "<root>":
-            return None
-        return dict(self.teacher.named_modules()).get(sites[0].name)
+        name = first_site(self.teacher, example, self.config.sample_drop_path)
+        return None if name in (None, "<root>") else self.teacher.get_submodule(name)
 
     @contextlib.contextmanager
     def _repeat_at_first_site(self, batch: int, k: int):
@@ -196,23 +198,32 @@ class TeacherSampler:
         finally:
             handle.remove()
 
-    def _raw(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        with FastMasks():
+    def _raw(self, x: torch.Tensor, k: int, recorded: bool = False) -> torch.Tensor:
+        # FastMasks replaces F.dropout without calling it: a recording mode must sit inside it
+        with contextlib.nullcontext() if recorded else FastMasks():
             if self.hook_module is not None and k > 1:
                 with self._repeat_at_first_site(x.shape[0], k):
                     return select_output(self.teacher(x), self.config.output)
             stacked = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
             return select_output(self.teacher(stacked), self.config.output)
 
+    def _plain(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return select_output(self.teacher(x.repeat(k, *([1] * (x.dim() - 1)))), self.config.output)
+
     @torch.no_grad()
     def _prefix_sharing_is_exact(self, example: torch.Tensor) -> bool:
-        with deterministic(self.teacher):
-            try:
-                shared = self._raw(example, self.k)
-            except Exception:  # noqa: BLE001 - a shape clash means sharing does not apply
+        k = self.k
+        try:
+            with deterministic(self.teacher):
+                shared, plain = self._raw(example, k), self._plain(example, k)
+            if shared.shape != plain.shape or not torch.allclose(shared, plain, atol=1e-5, rtol=1e-4):
                 return False
-            plain = select_output(self.teacher(example.repeat(self.k, *([1] * (example.dim() - 1)))), self.config.output)
-        return shared.shape == plain.shape and torch.allclose(shared, plain, atol=1e-5, rtol=1e-4)
+            with torch.random.fork_rng(devices=[]):  # the check draws masks: not from the run's stream
+                _, shared_calls = dropout_shapes(lambda: self._raw(example, k, recorded=True))
+                _, plain_calls = dropout_shapes(lambda: self._plain(example, k))
+        except Exception:  # noqa: BLE001 - a shape clash means sharing does not apply
+            return False
+        return shared_calls == plain_calls
 
     @torch.no_grad()
     def target(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:

@@ -59,6 +59,9 @@ _FUNCTIONAL = {
     torch.alpha_dropout: "torch.alpha_dropout", torch.feature_alpha_dropout: "torch.feature_alpha_dropout",
 }
 
+#: The fused multi-layer RNN ops, whose dropout argument drops units between layers.
+_RNN_FUNCTIONS = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
+
 
 @dataclass(frozen=True)
 class DropoutSite:
@@ -216,34 +219,48 @@ def _arg(args, kwargs, index: int, names: tuple[str, ...], default):
     return args[index] if len(args) > index else default
 
 
-class _Recorder(TorchFunctionMode):
-    """Records dropout-like calls and the innermost module running when each was made."""
+def _dropout_call(func, args, kwargs) -> tuple[str, float, str] | None:
+    """(kind, p, found_by) if this call of ``func`` drops units, else None."""
+    if func in _FUNCTIONAL:
+        p = float(_arg(args, kwargs, 1, ("p",), 0.5))
+        training = bool(_arg(args, kwargs, 2, ("training", "train"), True))
+        return (_FUNCTIONAL[func], p, "functional") if training and p > 0 else None
+    if func is F.scaled_dot_product_attention:
+        p = float(_arg(args, kwargs, 4, ("dropout_p",), 0.0))
+        return ("scaled_dot_product_attention", p, "attention") if p > 0 else None
+    if func is F.multi_head_attention_forward:
+        p = float(_arg(args, kwargs, 13, ("dropout_p",), 0.0))
+        training = bool(_arg(args, kwargs, 14, ("training",), True))
+        return ("multi_head_attention_forward", p, "attention") if training and p > 0 else None
+    if func is torch.Tensor.bernoulli_:
+        keep = _arg(args, kwargs, 1, ("p",), 0.5)
+        return ("bernoulli_", 1.0 - keep, "functional") if isinstance(keep, float) and keep < 1 else None
+    if func in _RNN_FUNCTIONS and len(args) > 6:  # the multi-layer RNN ops of nn.RNNBase
+        at = 5 if isinstance(args[2], list) else 6  # (input, hx, weights, ...) or (input, batch_sizes, hx, weights, ...)
+        p = float(args[at])
+        return (func.__name__, p, "module") if p > 0 and bool(args[at + 1]) else None
+    return None
 
-    def __init__(self, stack: list[str]):
+
+class _Recorder(TorchFunctionMode):
+    """Records dropout-like calls, the innermost module running when each was made, and the
+    shape of the tensor each one drops units of."""
+
+    def __init__(self, stack: list[str] | None = None, events: list[str] | None = None):
         super().__init__()
-        self.stack = stack
+        self.stack = [] if stack is None else stack
+        self.events = [] if events is None else events  # owners in call order (shared with module hooks)
         self.calls: list[tuple[str, str, float, str]] = []  # (module name, kind, p, found_by)
+        self.shapes: list[tuple[int, ...]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        owner = self.stack[-1] if self.stack else "<root>"
-        if func in _FUNCTIONAL:
-            p = float(_arg(args, kwargs, 1, ("p",), 0.5))
-            training = bool(_arg(args, kwargs, 2, ("training", "train"), True))
-            if training and p > 0:
-                self.calls.append((owner, _FUNCTIONAL[func], p, "functional"))
-        elif func is F.scaled_dot_product_attention:
-            p = float(_arg(args, kwargs, 4, ("dropout_p",), 0.0))
-            if p > 0:
-                self.calls.append((owner, "scaled_dot_product_attention", p, "attention"))
-        elif func is F.multi_head_attention_forward:
-            p = float(_arg(args, kwargs, 13, ("dropout_p",), 0.0))
-            if p > 0 and bool(_arg(args, kwargs, 14, ("training",), True)):
-                self.calls.append((owner, "multi_head_attention_forward", p, "attention"))
-        elif func is torch.Tensor.bernoulli_:
-            keep = _arg(args, kwargs, 1, ("p",), 0.5)
-            if isinstance(keep, float) and keep < 1:
-                self.calls.append((owner, "bernoulli_", 1.0 - keep, "functional"))
+        call = _dropout_call(func, args, kwargs)
+        if call is not None:
+            owner = self.stack[-1] if self.stack else "<root>"
+            self.calls.append((owner, *call))
+            self.events.append(owner)
+            self.shapes.append(tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ())
         return func(*args, **kwargs)
 
 
@@ -256,8 +273,9 @@ def _call_model(model: nn.Module, example):
 
 
 @torch.no_grad()
-def traced_sites(model: nn.Module, example, sample_drop_path: bool = False) -> list[DropoutSite]:
-    """Every site, found by running one forward pass on ``example`` in MC mode.
+def _trace(model: nn.Module, example, sample_drop_path: bool) -> tuple[list[DropoutSite], list[str]]:
+    """Every site, found by running one forward pass on ``example`` in MC mode, and the names of
+    the sites in the order they first ran (sampled sites only).
 
     Module sites get the number of times their module ran; functional and attention calls made
     inside other modules' forwards become sites of those modules, counted per call.
@@ -266,18 +284,21 @@ def traced_sites(model: nn.Module, example, sample_drop_path: bool = False) -> l
     names = {id(m): (n or "<root>") for n, m in model.named_modules()}
     stack: list[str] = []
     counts: dict[str, int] = {}
+    events: list[str] = []  # module sites as they are entered, owners of dropout calls as they call
 
     def enter(module, _args):
         name = names.get(id(module))
         if name is not None:
             stack.append(name)
             counts[name] = counts.get(name, 0) + 1
+            if name in static and static[name].sampled:
+                events.append(name)
 
     def leave(module, _args, _out):
         if id(module) in names and stack:
             stack.pop()
 
-    recorder = _Recorder(stack)
+    recorder = _Recorder(stack, events)
     hooks = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
     try:
         with mc_mode(model, sample_drop_path), recorder, torch.random.fork_rng(devices=[]):
@@ -293,7 +314,38 @@ def traced_sites(model: nn.Module, example, sample_drop_path: bool = False) -> l
             continue
         site = functional.get((owner, kind))
         functional[(owner, kind)] = replace(site, calls=site.calls + 1) if site else DropoutSite(owner, kind, p, found_by, 1)
-    return list(sites.values()) + list(functional.values())
+    sampled = {s.name for s in static.values() if s.sampled} | {owner for owner, _ in functional}
+    order = list(dict.fromkeys(e for e in events if e in sampled))
+    return list(sites.values()) + list(functional.values()), order
+
+
+def traced_sites(model: nn.Module, example, sample_drop_path: bool = False) -> list[DropoutSite]:
+    """Every site, found by running one forward pass on ``example`` (see :func:`_trace`)."""
+    return _trace(model, example, sample_drop_path)[0]
+
+
+def first_site(model: nn.Module, example, sample_drop_path: bool = False) -> str | None:
+    """The name of the module owning the sampled dropout site that runs first on ``example``
+    (``"<root>"`` when the model's own forward drops units first), or None if none runs.
+
+    This is execution order, not registration order: a module registered early may run late.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        return None
+    order = _trace(model, example, sample_drop_path)[1]
+    return order[0] if order else None
+
+
+@torch.no_grad()
+def dropout_shapes(run) -> tuple[object, list[tuple[int, ...]]]:
+    """``run()``'s result, and the shape of the tensor of every dropout-like call it made, in order.
+
+    Calls inside the forward of a dropout module count once, as that call.
+    """
+    recorder = _Recorder()
+    with recorder:
+        out = run()
+    return out, recorder.shapes
 
 
 def find_dropout(model: nn.Module, example=None, sample_drop_path: bool = False) -> list[DropoutSite]:

@@ -107,6 +107,89 @@ def test_prefix_is_shared_when_exact_and_not_otherwise():
     assert TeacherSampler(skip, DistillConfig(teacher_samples=4), torch.randn(3, 4)).hook_module is None
 
 
+class LateRegisteredFirst(nn.Module):
+    """``late`` is registered before ``early``, but ``early`` runs first."""
+
+    def __init__(self):
+        super().__init__()
+        self.late, self.early = nn.Dropout(0.2), nn.Dropout(0.5)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(self.late(F.relu(self.fc1(self.early(x)))))
+
+
+class FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return F.dropout(F.relu(self.fc(x)), 0.5, self.training)
+
+
+class FunctionalFirst(nn.Module):
+    """A functional site (inside ``block``) runs before the module site ``drop`` listed first."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop, self.block, self.fc = nn.Dropout(0.2), FunctionalBlock(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.block(x)))
+
+
+def _rows_at_sites(model, sampler, x, k, sites):
+    """The leading size of each dropout site's output during one K-sample target."""
+    rows = []
+    hooks = [model.get_submodule(name).register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
+             for name in sites]
+    try:
+        sampler.target(x, k)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
+@pytest.mark.parametrize("make, sites, first", [(LateRegisteredFirst, ["early", "late"], "early"),
+                                                (FunctionalFirst, ["block", "drop"], "block")])
+def test_every_dropout_call_sees_k_copies_whatever_the_registration_order(make, sites, first):
+    """The prefix is shared up to the site that *runs* first: every dropout call (a module site,
+    or the functional one inside ``block``) draws masks for all K x B rows, and the K samples of
+    the target vary as much as K plain copies do. Stacking at the first site *registered* left
+    the early site one mask for all K copies: 3.5x and 5.7x the variance of the plain stack."""
+    torch.manual_seed(0)
+    model, x, k = set_mc(make()), torch.randn(3, 8), 8
+    sampler = TeacherSampler(model, DistillConfig(teacher_samples=k), x)
+    assert sampler.hook_module is model.get_submodule(first)
+    assert _rows_at_sites(model, sampler, x, k, sites) == [k * 3, k * 3]
+    plain = TeacherSampler(model, DistillConfig(teacher_samples=k, share_prefix=False), x)
+    torch.manual_seed(1)
+    shared_var = torch.stack([sampler.target(x) for _ in range(600)]).var(0).sum()
+    plain_var = torch.stack([plain.target(x) for _ in range(600)]).var(0).sum()
+    assert 0.75 < shared_var / plain_var < 1.33, shared_var / plain_var
+
+
+def test_sharing_falls_back_to_the_plain_stack_when_a_dropout_call_would_miss_the_copies():
+    """A dropout on a branch that skips the stacking point sees B rows, not K x B: the sampler
+    must notice it (in MC mode: in eval mode the two agree) and stack at the input instead."""
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.first, self.second = nn.Linear(8, 8), nn.Dropout(0.5), nn.Dropout(0.5)
+
+        def forward(self, x):
+            h = self.fc(x)
+            a, b = self.first(h), self.second(h)  # with sharing at `first`, b comes from the unstacked h
+            return a + b.repeat(a.shape[0] // b.shape[0], 1)  # ... and is tiled to a's rows
+
+    torch.manual_seed(0)
+    model, x = set_mc(Branches()), torch.randn(3, 8)
+    assert TeacherSampler(model, DistillConfig(teacher_samples=4), x).hook_module is None
+
+
 def test_teacher_target_is_close_to_the_mc_average():
     torch.manual_seed(0)
     model, x = _confident(tiny_arch.tiny()), _inputs(8)
