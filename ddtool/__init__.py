@@ -14,8 +14,6 @@ The Python API, one function per stage of the data path::
     ddtool.export(result.student, "model.onnx", "onnx", input_shape=(1, 28, 28))
 """
 
-__version__ = "0.1.0"
-
 from .checkpoint import LoadedModel, load_model, save_bundle
 from .data import Inputs, Preprocess, read_folder, resolve_preprocess
 from .distill import DistillConfig, DistillResult, distill, kl_loss
@@ -23,6 +21,7 @@ from .dropout import DropoutSite, find_dropout, mc_average, mc_mode
 from .errors import DDToolError
 from .evaluate import EvalReport, evaluate
 from .export import ExportResult, export
+from .version import __version__
 
 __all__ = [
     "DDToolError", "DistillConfig", "DistillResult", "DropoutSite", "EvalReport", "ExportResult",

@@ -17,7 +17,7 @@ code; the one exception is a pickled module the user has explicitly trusted.
 A *bundle* is a plain dict (tensors, strings, numbers only) holding the weights, an
 *architecture reference* that rebuilds the module, the preprocessing, and provenance (the
 teacher's hash, ddtool's version, the distillation settings). The reference is one of
-  {"kind": "factory", "spec", "abs", "args"}      a file.py:callable or package.module:callable
+  {"kind": "factory", "spec", "abs", "args"}      a file.py:callable or package.module:callable (ddtool.arch)
   {"kind": "torchscript" | "torch-export", "archive": uint8 tensor}   the teacher's archive
   {"kind": "hf", "class", "config"}               a transformers class and its config as JSON
   {"kind": "pickled-module", "path", "sha256"}   the trusted teacher file itself
@@ -28,26 +28,27 @@ so that ``evaluate``, ``export`` and ``distill`` on a bundle need no extra flags
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import importlib
-import importlib.util
 import io
 import json
 import os
 import pickle
 import pickletools
-import sys
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .arch import build_arch, build_factory_ref, factory_ref, load_state_dict_into, stand_in
+from .compress import rebuild_shrunk
+from .data import spec_example
+from .dropout import DropoutSite
 from .errors import CheckpointError
 from .files import atomic_output, sha256
+from .version import __version__
 
 BUNDLE_KEY = "ddtool_bundle"
 BUNDLE_VERSION = 1
@@ -84,79 +85,11 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- architectures
-def _is_file_spec(target: str) -> bool:
-    return target.endswith(".py") or "/" in target or os.sep in target
-
-
-def resolve_factory(spec: str) -> Callable[..., nn.Module]:
-    """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to the callable."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise CheckpointError(f"--arch {spec!r} must look like file.py:factory or package.module:factory")
-    if _is_file_spec(target):
-        file = Path(target)
-        if not file.is_file():
-            raise CheckpointError(f"--arch file not found: {target}")
-        mod_name = "ddtool_arch_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
-        module_spec = importlib.util.spec_from_file_location(mod_name, file)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module  # lets dataclasses/pickle inside the file find it
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as err:  # noqa: BLE001 - any error in user code becomes one line
-            sys.modules.pop(mod_name, None)
-            raise CheckpointError(f"--arch file {target} failed to import: {type(err).__name__}: {err}") from err
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"--arch module {target} failed to import: {type(err).__name__}: {err}") from err
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise CheckpointError(f"--arch {spec}: {target} has no callable named {name!r}")
-    return factory
-
-
-def build_arch(spec: str, args: dict | None = None) -> nn.Module:
-    """Call the architecture factory with ``args`` and check that it returns a module."""
-    factory = resolve_factory(spec)
-    try:
-        model = factory(**(args or {}))
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"--arch {spec}: the factory raised {type(err).__name__}: {err}") from err
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"--arch {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def factory_ref(spec: str, args: dict | None = None) -> dict:
-    """The architecture reference of a factory, with its file made absolute as a fallback."""
-    target, _, name = spec.rpartition(":")
-    absolute = f"{Path(target).resolve()}:{name}" if _is_file_spec(target) else spec
-    return {"kind": "factory", "spec": spec, "abs": absolute, "args": dict(args or {})}
-
-
-def parse_arch_args(text: str | None) -> dict:
-    """Parse ``--arch-args`` (a JSON object) into keyword arguments."""
-    if not text:
-        return {}
-    try:
-        args = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"--arch-args is not valid JSON: {err.msg} at column {err.colno}") from None
-    if not isinstance(args, dict):
-        raise CheckpointError("--arch-args must be a JSON object, such as '{\"num_classes\": 10}'")
-    return args
-
-
 def build_from_ref(ref: dict, trust: bool = False) -> nn.Module:
     """Rebuild the (untrained) module an architecture reference describes."""
     kind = ref.get("kind")
     if kind == "factory":
-        spec = ref["spec"]
-        if _is_file_spec(spec.rpartition(":")[0]) and not Path(spec.rpartition(":")[0]).is_file():
-            spec = ref.get("abs") or spec  # recorded relative to another working directory
-        return build_arch(spec, ref.get("args"))
+        return build_factory_ref(ref)
     if kind == "torchscript":
         return _load_torchscript(io.BytesIO(_tensor_bytes(ref["archive"])), "the bundle's TorchScript archive")
     if kind == "torch-export":
@@ -164,9 +97,7 @@ def build_from_ref(ref: dict, trust: bool = False) -> nn.Module:
     if kind == "hf":
         return _hf_from_config(ref["class"], json.loads(ref["config"]))
     if kind == "shrink":
-        from .compress import shrink
-
-        return shrink(build_from_ref(ref["base"], trust), ref["keep"], by_strength=False)
+        return rebuild_shrunk(build_from_ref(ref["base"], trust), ref)
     if kind == "pickled-module":
         path = Path(ref["path"])
         if not path.is_file():
@@ -337,32 +268,6 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _preview(items: list[str], n: int = 4) -> str:
-    more = f", +{len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
-def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
-    """``model.load_state_dict(state)``, with a mismatch listed as missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} ({_preview(missing)})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} ({_preview(unexpected)})")
-        if misshaped:
-            parts.append(f"mis-shaped {len(misshaped)} (checkpoint vs model: {_preview(misshaped, 2)})")
-        raise CheckpointError(f"state dict does not fit --arch {arch}: " + "; ".join(parts))
-    model.load_state_dict(state)
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -416,8 +321,6 @@ class ExportedModel(nn.Module):
         return self.program(*args, **kwargs)
 
     def ddtool_dropout_sites(self):
-        from .dropout import DropoutSite
-
         sites = []
         for node in self._dropout_nodes():
             stack = node.meta.get("nn_module_stack") or {}
@@ -587,19 +490,11 @@ def load_model(
 def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, arch_args: dict | None, trust: bool) -> LoadedModel:
     if obj.get(BUNDLE_KEY) != BUNDLE_VERSION:
         raise CheckpointError(f"{path} is a ddtool bundle of version {obj.get(BUNDLE_KEY)}; this ddtool reads {BUNDLE_VERSION}")
-    ref = obj["arch"]
-    if ref.get("kind") == "factory" and arch:
-        target = ref["spec"].rpartition(":")[0]
-        if _is_file_spec(target) and not Path(target).is_file() and not Path(ref["abs"].rpartition(":")[0]).is_file():
-            ref = factory_ref(arch, arch_args)  # the recorded file moved: the user's --arch stands in
+    ref = stand_in(obj["arch"], arch, arch_args)  # the recorded file moved: the user's --arch stands in
     model = build_from_ref(ref, trust)
     load_state_dict_into(model, obj["state_dict"], ref.get("spec") or ref.get("kind"))
     spec = obj.get("input")
-    example = None
-    if spec:
-        from .data import spec_example
-
-        example = spec_example(spec)
+    example = spec_example(spec) if spec else None
     return LoadedModel(model.eval(), "ddtool-bundle", path, digest, arch_ref=ref, preprocess=obj.get("preprocess"),
                        provenance=obj.get("provenance"), example=example, input_spec=spec, classes=obj.get("classes"))
 
@@ -617,8 +512,6 @@ def save_bundle(
 ) -> Path:
     """Write ``model`` as a ddtool bundle, atomically. ``input_spec`` is {"shape", "dtype"} of
     the model's input without the batch axis (see ``ddtool.data.input_spec``)."""
-    from . import __version__
-
     bundle = {
         BUNDLE_KEY: BUNDLE_VERSION,
         "arch": arch_ref,

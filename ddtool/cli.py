@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, parallel
-from .checkpoint import BUNDLE_NAME, load_model, parse_arch_args, save_bundle
+from . import parallel
+from .arch import parse_arch_args
+from .checkpoint import BUNDLE_NAME, load_model, save_bundle
 from .compress import parse_shrink, shrunk_student, student_from_arch
 from .data import example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
 from .distill import DistillConfig, distill as run_distill, resolve_device
@@ -31,6 +32,7 @@ from .evaluate import evaluate as run_evaluate, plot as plot_report
 from .export import FORMATS, SUFFIXES, export_loaded
 from .predict import load_predictor, parse_classes, predict as run_predict, write_predictions
 from .files import check_output, write_text
+from .version import __version__
 
 app = typer.Typer(
     help="Distill a network trained with dropout into a deterministic one that predicts like its MC-dropout ensemble.",

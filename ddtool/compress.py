@@ -15,11 +15,12 @@ counts, so it rebuilds without extra flags.
 
 from __future__ import annotations
 
-from torch import nn
 import torch
+from torch import nn
 
-from .checkpoint import build_arch, factory_ref, load_state_dict_into
+from .arch import build_arch, factory_ref, load_state_dict_into
 from .errors import UsageError
+from .model import clone_model
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -132,12 +133,16 @@ def shrink(model: nn.Module, keep: dict[str, int], by_strength: bool = True) -> 
 
 def shrunk_student(teacher: nn.Module, teacher_ref: dict, fractions: dict[str, float]) -> tuple[nn.Module, dict]:
     """A copy of ``teacher`` with the given layers shrunk, and its architecture reference."""
-    from .distill import clone_model
-
     student = clone_model(teacher)
     keep = {name: max(1, round(_units(_layer(student, name)) * fraction)) for name, fraction in fractions.items()}
     shrink(student, keep)
     return student, {"kind": "shrink", "base": teacher_ref, "keep": keep}
+
+
+def rebuild_shrunk(base: nn.Module, ref: dict) -> nn.Module:
+    """The (untrained) module of a shrink reference, from the module its base reference builds:
+    the first ``keep`` units of each layer, whose weights the bundle then loads."""
+    return shrink(base, ref["keep"], by_strength=False)
 
 
 def student_from_arch(teacher: nn.Module, spec: str, args: dict | None = None) -> tuple[nn.Module, dict, int]:

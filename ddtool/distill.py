@@ -27,8 +27,6 @@ then a tenth of it for 10 more.
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
 import math
 import signal
 import threading
@@ -45,6 +43,7 @@ from .data import Preprocess, UnlabelledSet, perturbation, split_positions
 from .dropout import FastMasks, deterministic, dropout_shapes, first_site, require_dropout, set_mc
 from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, ModelError, UsageError
 from .files import atomic_output
+from .model import clone_model
 from .outputs import select_output
 from . import parallel
 from .parallel import SINGLE, World
@@ -234,16 +233,6 @@ class TeacherSampler:
 
 
 # --------------------------------------------------------------------------- helpers
-def clone_model(model: nn.Module) -> nn.Module:
-    """An independent copy of ``model`` with leaf parameters (deepcopy breaks ScriptModules' ones)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        buffer = io.BytesIO()
-        torch.jit.save(model, buffer)
-        buffer.seek(0)
-        return torch.jit.load(buffer, map_location="cpu")
-    return copy.deepcopy(model)
-
-
 def _frozen(model: nn.Module) -> nn.Module:
     for param in model.parameters():  # not requires_grad_(): ScriptModules refuse it
         param.requires_grad_(False)

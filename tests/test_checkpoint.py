@@ -8,7 +8,8 @@ import torch
 
 import tiny_arch
 from conftest import ARCH, TESTS
-from ddtool.checkpoint import factory_ref, load_model, parse_arch_args, pickle_globals, save_bundle
+from ddtool.arch import factory_ref, parse_arch_args
+from ddtool.checkpoint import load_model, pickle_globals, save_bundle
 from ddtool.errors import CheckpointError
 
 

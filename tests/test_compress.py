@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from conftest import ARCH, TESTS
-from ddtool.checkpoint import factory_ref, load_model, save_bundle
+from ddtool.arch import factory_ref
+from ddtool.checkpoint import load_model, save_bundle
 from ddtool.compress import parse_shrink, shrink, shrunk_student, student_from_arch
 from ddtool.errors import UsageError
 

@@ -11,11 +11,12 @@ from torch import nn
 import tiny_arch
 from conftest import write_images
 from ddtool.data import Preprocess, index_folder, open_unlabelled
-from ddtool.distill import (DistillConfig, Interrupted, TeacherSampler, clone_model, distill, kl_loss, mse_loss,
+from ddtool.distill import (DistillConfig, Interrupted, TeacherSampler, distill, kl_loss, mse_loss,
                             resolve_device)
 from ddtool.dropout import mc_average, set_mc
 from ddtool.errors import ModelError, NoDropoutError, UsageError
 from ddtool.evaluate import kl_divergence
+from ddtool.model import clone_model
 
 PRE = Preprocess()
 
