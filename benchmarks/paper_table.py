@@ -53,7 +53,8 @@ from ddtool.compress import shrunk_student  # noqa: E402
 from ddtool.data import Preprocess  # noqa: E402
 from ddtool.distill import DistillConfig, distill  # noqa: E402
 from ddtool.dropout import mc_mode  # noqa: E402
-from ddtool.evaluate import fast_layout, latency_ms, predict_probs  # noqa: E402
+from ddtool.evaluate import latency_ms, predict_probs  # noqa: E402
+from ddtool.model import fast_layout  # noqa: E402
 
 PAPER = BUILD / "paper"
 PRE = Preprocess(channels=1)  # images in [0, 1], as the teachers were trained

@@ -17,15 +17,16 @@ The Python API, one function per stage of the data path::
 from .checkpoint import LoadedModel, load_model, save_bundle
 from .data import Inputs, Preprocess, read_folder, resolve_preprocess
 from .distill import DistillConfig, DistillResult, distill, kl_loss
-from .dropout import DropoutSite, find_dropout, mc_average, mc_mode
+from .dropout import DropoutSite, find_dropout, mc_mode
 from .errors import DDToolError
 from .evaluate import EvalReport, evaluate
 from .export import ExportResult, export
+from .mc import MCSampler, mc_average
 from .version import __version__
 
 __all__ = [
     "DDToolError", "DistillConfig", "DistillResult", "DropoutSite", "EvalReport", "ExportResult",
-    "Inputs", "LoadedModel", "Preprocess", "__version__", "distill", "evaluate", "export",
+    "Inputs", "LoadedModel", "MCSampler", "Preprocess", "__version__", "distill", "evaluate", "export",
     "find_dropout", "kl_loss", "load_model", "mc_average", "mc_mode", "read_folder",
     "resolve_preprocess", "save_bundle",
 ]

@@ -14,9 +14,8 @@ divergence (classifiers) and the squared error (regression) are both Bregman div
 
 By the same theorem the one-sample target f_sigma(x) may be replaced by the mean of K
 independent samples: l(y, q) = g1(y) + g2(q) + y^T g3(q) is linear in y up to a term free of q,
-so E[grad] is unchanged while its variance falls (``teacher_samples``). When K > 1 the part of
-the teacher before its first dropout site is deterministic; :class:`TeacherSampler` computes it
-once and repeats only its output K times.
+so E[grad] is unchanged while its variance falls (``teacher_samples``). The K masked passes
+come from :class:`ddtool.mc.MCSampler`, which runs the teacher's deterministic prefix once.
 
 The student q starts from the teacher's weights (standard dropout is in Q, Fig. 1) or from a
 smaller network (Sec. 5.3) and runs deterministically: dropout off, BatchNorm on its running
@@ -40,10 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Preprocess, UnlabelledSet, perturbation, split_positions
-from .dropout import FastMasks, deterministic, dropout_shapes, first_site, require_dropout, set_mc
+from .dropout import deterministic, require_dropout
 from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, ModelError, UsageError
 from .files import atomic_output
-from .model import clone_model
+from .mc import MCSampler
+from .model import clone_model, freeze, probe, uses_channels_last
 from .outputs import select_output
 from . import parallel
 from .parallel import SINGLE, World
@@ -149,120 +149,7 @@ def to_target(outputs: torch.Tensor, config: DistillConfig) -> torch.Tensor:
     return F.softmax(outputs.float(), dim=config.class_dim) if config.loss == "kl" else outputs.float()
 
 
-# --------------------------------------------------------------------------- the teacher
-class TeacherSampler:
-    """K masked teacher outputs per input, averaged into the distillation target.
-
-    The K copies of a batch are stacked into one batch of K*B rows, so each row gets its own
-    dropout masks. With ``share_prefix`` the stacking happens at the first dropout site instead
-    of at the input: a forward pre-hook on the module that owns that site repeats its inputs K
-    times, so everything before it runs once. That site is the first to *run* (not the first
-    registered): a dropout running before it would draw one mask for all K copies. Whether
-    sharing is valid for the model is checked once against the plain K-fold stack: in eval
-    mode the outputs must agree (no skip connection around the site carrying the unrepeated
-    batch, say), and in MC mode every dropout call must see the same shape as in the plain
-    stack, K x B rows (no branch computed from the unrepeated batch drops units). If either
-    check fails, the plain stack is used.
-    """
-
-    def __init__(self, teacher: nn.Module, config: DistillConfig, example: torch.Tensor):
-        self.teacher, self.config, self.k = teacher, config, config.teacher_samples
-        self.hook_module: nn.Module | None = None
-        if self.k > 1 and config.share_prefix and not isinstance(teacher, torch.jit.ScriptModule):
-            self.hook_module = self._first_site_module(example)
-            if self.hook_module is not None and not self._prefix_sharing_is_exact(example):
-                self.hook_module = None
-
-    def _first_site_module(self, example) -> nn.Module | None:
-        name = first_site(self.teacher, example, self.config.sample_drop_path)
-        return None if name in (None, "<root>") else self.teacher.get_submodule(name)
-
-    @contextlib.contextmanager
-    def _repeat_at_first_site(self, batch: int, k: int):
-        fired = False
-
-        def hook(_module, args, kwargs):
-            nonlocal fired
-            if fired:
-                return None
-            fired = True
-
-            def rep(a):
-                return a.repeat(k, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a
-            return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
-
-        handle = self.hook_module.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _raw(self, x: torch.Tensor, k: int, recorded: bool = False) -> torch.Tensor:
-        # FastMasks replaces F.dropout without calling it: a recording mode must sit inside it
-        with contextlib.nullcontext() if recorded else FastMasks():
-            if self.hook_module is not None and k > 1:
-                with self._repeat_at_first_site(x.shape[0], k):
-                    return select_output(self.teacher(x), self.config.output)
-            stacked = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
-            return select_output(self.teacher(stacked), self.config.output)
-
-    def _plain(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        return select_output(self.teacher(x.repeat(k, *([1] * (x.dim() - 1)))), self.config.output)
-
-    @torch.no_grad()
-    def _prefix_sharing_is_exact(self, example: torch.Tensor) -> bool:
-        k = self.k
-        try:
-            with deterministic(self.teacher):
-                shared, plain = self._raw(example, k), self._plain(example, k)
-            if shared.shape != plain.shape or not torch.allclose(shared, plain, atol=1e-5, rtol=1e-4):
-                return False
-            with torch.random.fork_rng(devices=[]):  # the check draws masks: not from the run's stream
-                _, shared_calls = dropout_shapes(lambda: self._raw(example, k, recorded=True))
-                _, plain_calls = dropout_shapes(lambda: self._plain(example, k))
-        except Exception:  # noqa: BLE001 - a shape clash means sharing does not apply
-            return False
-        return shared_calls == plain_calls
-
-    @torch.no_grad()
-    def target(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """The mean over K (or ``k``) masked passes of the teacher's target-space output."""
-        k = k or self.k
-        out = to_target(self._raw(x, k), self.config)
-        return out.view(k, x.shape[0], *out.shape[1:]).mean(0)
-
-
 # --------------------------------------------------------------------------- helpers
-def _frozen(model: nn.Module) -> nn.Module:
-    for param in model.parameters():  # not requires_grad_(): ScriptModules refuse it
-        param.requires_grad_(False)
-    return model
-
-
-@torch.no_grad()
-def probe(model: nn.Module, x, select=None) -> torch.Tensor:
-    """Run ``model`` once on ``x`` (in eval mode) and return its prediction tensor."""
-    try:
-        with deterministic(model):
-            out = select_output(model(x), select)
-    except (ModelError, DDToolError):
-        raise
-    except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ModelError(f"the model failed on inputs of shape {shape}: {first}") from None
-    if out.dim() == 0 or out.shape[0] != (x.shape[0] if isinstance(x, torch.Tensor) else out.shape[0]):
-        raise ModelError(f"the model must return one output row per input; it returned shape {tuple(out.shape)}")
-    return out
-
-
-def uses_channels_last(model: nn.Module, example) -> bool:
-    """channels_last helps 2-D convolutions on CPU (oneDNN: about 1.5-1.9x for our nets, forward
-    and backward) and on CUDA (tensor cores); it is used for conv models on image batches."""
-    return (isinstance(example, torch.Tensor) and example.dim() == 4 and example.is_floating_point()
-            and not isinstance(model, torch.jit.ScriptModule) and any(isinstance(m, nn.Conv2d) for m in model.modules()))
-
-
 def resolve_device(spec: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU; an unavailable device is a usage error."""
     if spec == "auto":
@@ -320,18 +207,15 @@ def _fidelity(student, val_x, val_ref, preprocess, config, device) -> float:
     return total / val_x.shape[0]
 
 
-def _val_reference(teacher, val_x, preprocess, config, device) -> torch.Tensor:
+def _val_reference(sampler: MCSampler, val_x, preprocess, config, device) -> torch.Tensor:
+    """The MC average of ``config.val_mc_samples`` masks on each held-out input, in target space."""
     refs = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        sampler = TeacherSampler(teacher, replace_k(config, config.val_mc_samples), preprocess.prepare(val_x[:2].to(device)))
         for raw in val_x.split(64):
-            refs.append(sampler.target(preprocess.prepare(raw.to(device))).cpu())
+            x = preprocess.prepare(raw.to(device))
+            refs.append(sampler.mean(x, config.val_mc_samples, lambda out: to_target(out, config)).cpu())
     return torch.cat(refs)
-
-
-def replace_k(config: DistillConfig, k: int) -> DistillConfig:
-    return DistillConfig(**{**config.as_dict(), "teacher_samples": k})
 
 
 def _save_state(path: Path, **state) -> None:
@@ -404,7 +288,7 @@ def distill(
     probe(model, example, config.output)
     require_dropout(model, example, config.sample_drop_path, config.output)
 
-    teacher = _frozen(set_mc(clone_model(model), config.sample_drop_path)).to(device)
+    teacher = freeze(clone_model(model)).to(device)
     student = (clone_model(model) if student is None else student).eval().to(device)
     probe(student, example.to(device), config.output)
     channels_last = uses_channels_last(student, example)
@@ -414,20 +298,21 @@ def distill(
     if not params:
         raise ModelError("the model has no trainable parameters to distill")
     opt = _optimizer(params, config)
-    sampler = TeacherSampler(teacher, config, example.to(device))
+    sampler = MCSampler(teacher, example.to(device), select=config.output, sample_drop_path=config.sample_drop_path,
+                        share_prefix=config.share_prefix, own=True)
     loss_of = loss_fn(config)
     trained = student
     if world.distributed:  # gradients all-reduced across ranks at every backward pass
         trained = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    run_teacher, run_student = (torch.compile(teacher), torch.compile(trained)) if config.compile else (teacher, trained)
+    run_student = torch.compile(trained) if config.compile else trained
     if config.compile:
-        sampler.teacher = run_teacher
+        sampler.model = torch.compile(teacher)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     rank_seed = config.seed + 1_000_003 * world.rank  # each rank its own masks and perturbations
     gen = torch.Generator().manual_seed(rank_seed)  # perturbations, drawn in this process
     perturb = perturbation(config.perturb, config.flip, gen)
-    val_ref = _val_reference(teacher, val, preprocess, config, device) if val is not None else None
+    val_ref = _val_reference(sampler, val, preprocess, config, device) if val is not None else None
     steps_per_epoch = math.ceil(len(parallel.shard(world, torch.arange(n))) / batch)
     history: list[dict] = []
     start_epoch, start_step, best = 0, 0, None
@@ -472,7 +357,7 @@ def distill(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
-                    target = sampler.target(x)
+                    target = sampler.mean(x, config.teacher_samples, lambda out: to_target(out, config))
                     out = select_output(run_student(x), config.output)
                 loss = loss_of(out, target)
                 if parallel.any_rank(world, int(not torch.isfinite(loss)), device):
@@ -516,5 +401,5 @@ def distill(
         checkpoint.unlink(missing_ok=True)  # finished: nothing left to resume
     if channels_last:
         student = student.to(memory_format=torch.contiguous_format)
-    return DistillResult(_frozen(student.eval().cpu()), history, best["epoch"] if best else None,
-                         sampler.hook_module is not None)
+    return DistillResult(freeze(student.eval().cpu()), history, best["epoch"] if best else None,
+                         sampler.shared_prefix and config.teacher_samples > 1)

@@ -124,22 +124,6 @@ def deterministic(model: nn.Module) -> Iterator[nn.Module]:
         yield model.eval()
 
 
-@torch.no_grad()
-def mc_average(model: nn.Module, x, samples: int, transform=None, sample_drop_path: bool = False) -> torch.Tensor:
-    """Average ``transform(model(x))`` over ``samples`` fresh dropout masks (Eq. 4).
-
-    ``transform`` maps outputs to the space the ensemble is averaged in: probabilities
-    (softmax) for classifiers, identity for regression. The masks are drawn from torch's
-    global generator, so ``torch.manual_seed`` makes the average reproducible.
-    """
-    transform = transform or select_output
-    with mc_mode(model, sample_drop_path):
-        total = transform(model(x)).clone()
-        for _ in range(samples - 1):
-            total += transform(model(x))
-    return total / samples
-
-
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A Bernoulli(1 - p) keep mask with the shape and strides of ``x``, from 16 random bits each.
 

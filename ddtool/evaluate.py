@@ -19,24 +19,21 @@ deviation over the repeats.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import Inputs, Preprocess
-from .distill import probe
-from .dropout import deterministic, mc_mode, require_dropout
+from .dropout import deterministic, require_dropout
+from .files import atomic_output
+from .mc import MC_ROWS, MCSampler, probabilities
+from .model import count_parameters, fast_layout, probe
 from .outputs import select_output
 
 ECE_BINS = 15
-#: Rows per stacked MC forward pass: bigger batches only cost memory traffic on the CPU (measured
-#: on the sample net: 2,300 masked passes/s at 256 rows, 1,600 at 4,096).
-MC_ROWS = 256
 
 
 @dataclass
@@ -72,30 +69,6 @@ class EvalReport:
 
 
 # --------------------------------------------------------------------------- predictions
-def mc_sampler(model: nn.Module, example: torch.Tensor, select=None, sample_drop_path: bool = False):
-    """The distillation engine's teacher sampler, reused for MC dropout: m masks per input in
-    stacked batches, the deterministic prefix before the first dropout site computed once."""
-    from .distill import DistillConfig, TeacherSampler
-
-    with mc_mode(model, sample_drop_path):
-        return TeacherSampler(model, DistillConfig(teacher_samples=2, output=select, sample_drop_path=sample_drop_path), example)
-
-
-@torch.no_grad()
-def mc_probs(model: nn.Module, x: torch.Tensor, samples: int, select=None, sample_drop_path: bool = False,
-             sampler=None) -> torch.Tensor:
-    """MC dropout: the mean softmax of ``samples`` masked passes, copies stacked into big batches."""
-    sampler = sampler or mc_sampler(model, x[:2], select, sample_drop_path)
-    per_pass = max(1, MC_ROWS // max(1, x.shape[0]))
-    total, left = 0.0, samples
-    with mc_mode(model, sample_drop_path):
-        while left:
-            k = min(per_pass, left)
-            total = total + sampler.target(x, k) * k
-            left -= k
-    return total / samples
-
-
 @torch.no_grad()
 def predict_probs(
     model: nn.Module, x: torch.Tensor, batch_size: int, mc_samples: int = 0, select=None, sample_drop_path: bool = False,
@@ -103,17 +76,17 @@ def predict_probs(
     """Class probabilities of ``model`` on prepared inputs, and the seconds the pass took.
 
     ``mc_samples=0`` runs the model deterministically (standard dropout); ``m > 0`` averages the
-    softmax of ``m`` masked passes (MC dropout).
+    softmax of ``m`` masked passes (MC dropout), stacked into batches of about ``MC_ROWS`` rows.
     """
     probs = []
-    sampler = mc_sampler(model, x[:2], select, sample_drop_path) if mc_samples else None
+    sampler = MCSampler(model, x[:2], select=select, sample_drop_path=sample_drop_path) if mc_samples else None
     start = time.perf_counter()
     with deterministic(model):
         for chunk in x.split(batch_size):
-            if mc_samples:
-                probs.append(mc_probs(model, chunk, mc_samples, select, sample_drop_path, sampler))
+            if sampler:
+                probs.append(sampler.mean(chunk, mc_samples, probabilities, rows=MC_ROWS))
             else:
-                probs.append(F.softmax(select_output(model(chunk), select).float(), dim=1))
+                probs.append(probabilities(select_output(model(chunk), select)))
     return torch.cat(probs), time.perf_counter() - start
 
 
@@ -121,13 +94,13 @@ def predict_probs(
 def latency_ms(model: nn.Module, x: torch.Tensor, mc_samples: int = 0, select=None, runs: int = 30) -> float:
     """Median milliseconds to predict one input (after a warm-up), over ``runs`` inputs."""
     singles = [x[i % x.shape[0]: i % x.shape[0] + 1] for i in range(runs + 3)]
-    sampler = mc_sampler(model, x[:2], select) if mc_samples else None
+    sampler = MCSampler(model, x[:2], select=select) if mc_samples else None
     times = []
     with deterministic(model):
         for i, one in enumerate(singles):
             start = time.perf_counter()
-            if mc_samples:
-                mc_probs(model, one, mc_samples, select, sampler=sampler)
+            if sampler:
+                sampler.mean(one, mc_samples, probabilities, rows=MC_ROWS)
             else:
                 select_output(model(one), select)
             if i >= 3:
@@ -182,24 +155,6 @@ def _summarise(method: str, runs: list[dict], params: int, passes: int) -> Metho
     return result
 
 
-@contextlib.contextmanager
-def fast_layout(models: list[nn.Module], x: torch.Tensor):
-    """channels_last for conv models on image batches (see ``distill.uses_channels_last``), for
-    the duration of the block; the models get their usual layout back afterwards."""
-    from .distill import uses_channels_last
-
-    if not all(uses_channels_last(m, x) for m in models):
-        yield x
-        return
-    for m in models:
-        m.to(memory_format=torch.channels_last)
-    try:
-        yield x.contiguous(memory_format=torch.channels_last)
-    finally:
-        for m in models:
-            m.to(memory_format=torch.contiguous_format)
-
-
 # --------------------------------------------------------------------------- the comparison
 def evaluate(
     teacher: nn.Module,
@@ -246,7 +201,7 @@ def evaluate(
                 else:
                     runs[name].append(entry)
     report = EvalReport(inputs=len(x), labelled=labels is not None, mc_samples=mc_samples, repeats=repeats)
-    count = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    count = {name: count_parameters(m) for name, m in models.items()}
     report.results.append(_summarise("standard", runs["standard"], count["standard"], 1))
     report.results.append(_summarise(f"mc-{mc_samples}", runs["mc"], count["standard"], mc_samples))
     for name in distilled or {}:
@@ -261,8 +216,6 @@ def plot(report: EvalReport, path, force: bool = False) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .files import atomic_output
 
     key, label = ("error", "test error (%)") if report.labelled else ("kl_to_mc", "KL to MC average (nats)")
     scale = 100 if key == "error" else 1

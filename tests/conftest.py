@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,11 @@ from PIL import Image
 import tiny_arch
 
 TESTS = Path(__file__).parent
+
+# The models here are tiny: a second intra-op thread only adds OpenMP barriers, which cost
+# milliseconds per op on a busy machine. Subprocesses (the CLI, torchrun) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 ARCH = f"{TESTS / 'tiny_arch.py'}:tiny"
 NO_DROPOUT_ARCH = f"{TESTS / 'tiny_arch.py'}:no_dropout"
 

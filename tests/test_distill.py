@@ -11,9 +11,8 @@ from torch import nn
 import tiny_arch
 from conftest import write_images
 from ddtool.data import Preprocess, index_folder, open_unlabelled
-from ddtool.distill import (DistillConfig, Interrupted, TeacherSampler, distill, kl_loss, mse_loss,
-                            resolve_device)
-from ddtool.dropout import mc_average, set_mc
+from ddtool.distill import DistillConfig, Interrupted, distill, kl_loss, resolve_device
+from ddtool.mc import MCSampler, mc_average, probabilities
 from ddtool.errors import ModelError, NoDropoutError, UsageError
 from ddtool.evaluate import kl_divergence
 from ddtool.model import clone_model
@@ -53,21 +52,17 @@ def test_kl_loss_per_position_for_segmentation_outputs():
     assert torch.allclose(kl_loss(logits, p, dim=1), kl_loss(flat_logits, flat_p), atol=1e-6)
 
 
-def test_mse_loss():
-    assert mse_loss(torch.ones(2, 3), torch.zeros(2, 3)).item() == 1.0
-
-
 # --------------------------------------------------------------------------- K teacher samples
 def _grads(model, x, k, draws):
-    """Gradients of the distillation loss in the student's last layer, one per draw of masks."""
-    teacher = set_mc(clone_model(model))
+    """Gradients of the distillation loss in the student's last layer, one per draw of K masks."""
     student = clone_model(model).eval()
-    sampler = TeacherSampler(teacher, DistillConfig(teacher_samples=k, share_prefix=False), x)
-    grads = []
     torch.manual_seed(0)
-    for _ in range(draws):
+    passes = MCSampler(model, x).outputs(x, k * draws)  # k * draws independent masked passes
+    targets = F.softmax(passes, dim=-1).view(draws, k, *passes.shape[1:]).mean(1)
+    grads = []
+    for target in targets:
         student.zero_grad()
-        kl_loss(student(x), sampler.target(x)).backward()
+        kl_loss(student(x), target).backward()
         grads.append(student[-1].weight.grad.flatten().clone())
     return torch.stack(grads)
 
@@ -85,130 +80,13 @@ def test_k_samples_keep_the_gradient_mean_and_lower_its_variance():
     assert ratio < 0.25, ratio  # 1/8 expected
 
 
-def test_prefix_is_shared_when_exact_and_not_otherwise():
-    torch.manual_seed(0)
-    lenet = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 16), nn.ReLU(),
-                          nn.Dropout(0.5), nn.Linear(16, 3))
-    x = _inputs(6)
-    sampler = TeacherSampler(set_mc(lenet), DistillConfig(teacher_samples=8), x)
-    assert sampler.hook_module is lenet[5]
-    shared = sampler.target(x)
-    plain = TeacherSampler(set_mc(lenet), DistillConfig(teacher_samples=8, share_prefix=False), x).target(x)
-    assert shared.shape == plain.shape == (6, 3) and torch.allclose(shared.sum(1), torch.ones(6))
-
-    class Skip(nn.Module):  # the input skips over the dropout: stacking at the site would be wrong
-        def __init__(self):
-            super().__init__()
-            self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
-
-        def forward(self, x):
-            return x + self.fc(self.drop(x))
-
-    skip = set_mc(Skip())
-    assert TeacherSampler(skip, DistillConfig(teacher_samples=4), torch.randn(3, 4)).hook_module is None
-
-
-class LateRegisteredFirst(nn.Module):
-    """``late`` is registered before ``early``, but ``early`` runs first."""
-
-    def __init__(self):
-        super().__init__()
-        self.late, self.early = nn.Dropout(0.2), nn.Dropout(0.5)
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(self.late(F.relu(self.fc1(self.early(x)))))
-
-
-class FunctionalBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 16)
-
-    def forward(self, x):
-        return F.dropout(F.relu(self.fc(x)), 0.5, self.training)
-
-
-class FunctionalFirst(nn.Module):
-    """A functional site (inside ``block``) runs before the module site ``drop`` listed first."""
-
-    def __init__(self):
-        super().__init__()
-        self.drop, self.block, self.fc = nn.Dropout(0.2), FunctionalBlock(), nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc(self.drop(self.block(x)))
-
-
-def _rows_at_sites(model, sampler, x, k, sites):
-    """The leading size of each dropout site's output during one K-sample target."""
-    rows = []
-    hooks = [model.get_submodule(name).register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
-             for name in sites]
-    try:
-        sampler.target(x, k)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return rows
-
-
-@pytest.mark.parametrize("make, sites, first", [(LateRegisteredFirst, ["early", "late"], "early"),
-                                                (FunctionalFirst, ["block", "drop"], "block")])
-def test_every_dropout_call_sees_k_copies_whatever_the_registration_order(make, sites, first):
-    """The prefix is shared up to the site that *runs* first: every dropout call (a module site,
-    or the functional one inside ``block``) draws masks for all K x B rows, and the K samples of
-    the target vary as much as K plain copies do. Stacking at the first site *registered* left
-    the early site one mask for all K copies: 3.5x and 5.7x the variance of the plain stack."""
-    torch.manual_seed(0)
-    model, x, k = set_mc(make()), torch.randn(3, 8), 8
-    sampler = TeacherSampler(model, DistillConfig(teacher_samples=k), x)
-    assert sampler.hook_module is model.get_submodule(first)
-    assert _rows_at_sites(model, sampler, x, k, sites) == [k * 3, k * 3]
-    plain = TeacherSampler(model, DistillConfig(teacher_samples=k, share_prefix=False), x)
-    torch.manual_seed(1)
-    shared_var = torch.stack([sampler.target(x) for _ in range(600)]).var(0).sum()
-    plain_var = torch.stack([plain.target(x) for _ in range(600)]).var(0).sum()
-    assert 0.75 < shared_var / plain_var < 1.33, shared_var / plain_var
-
-
-def test_sharing_falls_back_to_the_plain_stack_when_a_dropout_call_would_miss_the_copies():
-    """A dropout on a branch that skips the stacking point sees B rows, not K x B: the sampler
-    must notice it (in MC mode: in eval mode the two agree) and stack at the input instead."""
-
-    class Branches(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.first, self.second = nn.Linear(8, 8), nn.Dropout(0.5), nn.Dropout(0.5)
-
-        def forward(self, x):
-            h = self.fc(x)
-            a, b = self.first(h), self.second(h)  # with sharing at `first`, b comes from the unstacked h
-            return a + b.repeat(a.shape[0] // b.shape[0], 1)  # ... and is tiled to a's rows
-
-    torch.manual_seed(0)
-    model, x = set_mc(Branches()), torch.randn(3, 8)
-    assert TeacherSampler(model, DistillConfig(teacher_samples=4), x).hook_module is None
-
-
-def test_teacher_target_is_close_to_the_mc_average():
-    torch.manual_seed(0)
-    model, x = _confident(tiny_arch.tiny()), _inputs(8)
-    ref = mc_average(model, x, 4000, lambda o: F.softmax(o, 1))
-    torch.manual_seed(1)
-    teacher = set_mc(clone_model(model))
-    one = TeacherSampler(teacher, DistillConfig(teacher_samples=1), x).target(x)
-    many = TeacherSampler(teacher, DistillConfig(teacher_samples=200), x).target(x)
-    assert kl_divergence(ref, many).mean() < 0.2 * kl_divergence(ref, one).mean()
-
-
 # --------------------------------------------------------------------------- the loop
 def test_distillation_moves_the_student_towards_the_mc_average():
     torch.manual_seed(0)
     model, x = _confident(tiny_arch.tiny()), _inputs(96)
     result = distill(model, x, PRE, DistillConfig(epochs=15, lr_drop_epoch=10, lr=0.05, batch_size=32, perturb=0.0))
     torch.manual_seed(1)
-    ref = mc_average(model, x, 500, lambda o: F.softmax(o, 1))
+    ref = mc_average(model, x, 500, probabilities)
     with torch.no_grad():
         before = kl_divergence(ref, F.softmax(model.eval()(x), 1)).mean()
         after = kl_divergence(ref, F.softmax(result.student(x), 1)).mean()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dropout_zoo import ZOO, ConvBN, Residual
-from ddtool.dropout import FastMasks, find_dropout, keep_mask, mc_average, mc_mode, require_dropout
+from ddtool.dropout import FastMasks, find_dropout, keep_mask, mc_mode, require_dropout
 from ddtool.errors import NoDropoutError
 
 
@@ -81,29 +81,6 @@ def test_mc_mode_restores_training_flags_and_keeps_norm_layers_in_eval():
     with mc_mode(model):
         assert model.drop.training and model.conv.training and not model.bn.training
     assert [m.training for m in model.modules()] == before
-
-
-def test_mc_mean_of_linear_model_converges_to_exact_expectation():
-    # y = w . dropout(x): E[y] = w . x exactly (inverted dropout keeps the mean), and the MC
-    # average of m samples has standard deviation sqrt(sum_i w_i^2 x_i^2 * p/(1-p) / m).
-    torch.manual_seed(0)
-    p, m = 0.3, 20000
-    model = nn.Sequential(nn.Dropout(p), nn.Linear(20, 1, bias=False))
-    x = torch.randn(1, 20)
-    exact = (model[1].weight @ x.T).item()
-    sd = ((model[1].weight ** 2 * x ** 2).sum() * p / (1 - p) / m).sqrt().item()
-    assert abs(mc_average(model, x, m).item() - exact) < 4 * sd
-
-
-def test_batchnorm_statistics_are_bit_identical_after_100_mc_passes():
-    torch.manual_seed(0)
-    model = ConvBN().eval()
-    model.bn.running_mean.uniform_()
-    model.bn.running_var.uniform_(0.5, 2)
-    before = {k: v.clone() for k, v in model.bn.state_dict().items()}
-    mc_average(model, torch.randn(8, 1, 8, 8), 100)
-    after = model.bn.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # num_batches_tracked included
 
 
 def test_scripted_model_sites_and_sampling():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ddtool.data import Inputs, Preprocess
-from ddtool.evaluate import calibration, evaluate, kl_divergence, mc_probs, plot, predict_probs
+from ddtool.evaluate import calibration, evaluate, kl_divergence, plot, predict_probs
 
 
 def test_kl_divergence_matches_definition():
@@ -66,15 +66,6 @@ def test_calibration_of_a_perfectly_calibrated_table():
     assert ece == pytest.approx(0.0, abs=1e-6) and table == [(0.75, 0.75, 4)]
     ece, _ = calibration(probs, torch.tensor([1, 1, 1, 1]))
     assert ece == pytest.approx(0.75)
-
-
-def test_stacked_mc_equals_the_mean_of_masked_passes(tiny_model):
-    x = torch.rand(3, 1, 8, 8)
-    torch.manual_seed(0)
-    probs = mc_probs(tiny_model, x, 7)
-    assert probs.shape == (3, 3) and torch.allclose(probs.sum(1), torch.ones(3))
-    torch.manual_seed(0)
-    assert torch.equal(mc_probs(tiny_model, x, 7), probs)
 
 
 def test_repeats_give_spread_and_plot(tmp_path, tiny_model):
