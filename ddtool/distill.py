@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Preprocess, UnlabelledSet, perturbation, split_positions
-from .dropout import deterministic, require_dropout
+from .dropout import check_dropout, deterministic
 from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, ModelError, UsageError
 from .files import atomic_output
 from .mc import MCSampler
@@ -286,7 +286,7 @@ def distill(
     first = next(data.batches(torch.arange(min(n, 2)), 2))
     example = preprocess.prepare(first)
     probe(model, example, config.output)
-    require_dropout(model, example, config.sample_drop_path, config.output)
+    plan = check_dropout(model, example, config.sample_drop_path, config.output)
 
     teacher = freeze(clone_model(model)).to(device)
     student = (clone_model(model) if student is None else student).eval().to(device)
@@ -299,7 +299,7 @@ def distill(
         raise ModelError("the model has no trainable parameters to distill")
     opt = _optimizer(params, config)
     sampler = MCSampler(teacher, example.to(device), select=config.output, sample_drop_path=config.sample_drop_path,
-                        share_prefix=config.share_prefix, own=True)
+                        share_prefix=config.share_prefix, own=True, plan=plan)
     loss_of = loss_fn(config)
     trained = student
     if world.distributed:  # gradients all-reduced across ranks at every backward pass

@@ -18,18 +18,31 @@ Dropout is written in many ways, and a type check finds only some of them. A *si
   * functionally: ``F.dropout(x, p, self.training)`` and friends, ``torch.dropout``, and the
     ``bernoulli_`` masks of hand-written drop-path code, called inside some module's forward.
 The functional and attention kinds are visible only while the model runs, so discovery runs one
-forward pass in MC mode under a ``TorchFunctionMode`` that records every such call together with
-the module whose forward issued it (and counts the calls per pass).
+forward pass in train mode under a ``TorchFunctionMode`` that records every such call together
+with the module whose forward issued it (and counts the calls per pass). That pass runs on a
+copy of the model that shares its parameters but not its buffers or Python state, so whatever
+train mode does besides dropout (a spectral norm's power iteration, a user's counter) happens to
+the copy only.
 
-MC mode is the model's train mode, except for normalisation layers that keep running statistics
-(BatchNorm, tracked InstanceNorm): they stay in eval mode, so sampling uses, and never updates,
-their statistics. Train mode is what makes ``self.training``-gated code drop units, and what turns
-off the eval-only fast path of ``nn.TransformerEncoderLayer``, which would skip dropout entirely.
+MC mode samples dropout and changes nothing else: every module computes as in eval mode, except
+  * the dropout modules above, whose training flag switches only their dropout;
+  * dropout *functions* (``F.dropout(x, p, self.training)`` in a module in eval mode, the
+    attention dropout of ``multi_head_attention_forward``), which a ``TorchFunctionMode``
+    (:class:`SampledDropout`) makes drop units whatever their training argument says (it also
+    turns off fast paths that would skip dropout, such as ``nn.TransformerEncoderLayer``'s);
+  * modules whose own forward decides *before* the call whether to drop
+    (``dropout_p=self.p if self.training else 0.0``): they are found by comparing a discovery
+    pass in MC mode with the one in train mode, and only they are put in train mode. This is the
+    one limitation: anything else such a module's own forward does differently in training
+    happens too (its children stay in eval mode).
+TorchScript archives cannot be traced from Python: MC mode puts them in train mode except for
+normalisation layers with running statistics, which stay in eval mode and are never updated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
@@ -77,53 +90,21 @@ class DropoutSite:
     def as_dict(self) -> dict:
         return asdict(self)
 
-
-# --------------------------------------------------------------------------- modes
-def is_drop_path(module: nn.Module) -> bool:
-    return type(module).__name__ in DROP_PATH_NAMES or getattr(module, "original_name", None) in DROP_PATH_NAMES
-
-
-def _keeps_running_stats(module: nn.Module) -> bool:
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return bool(module.track_running_stats)
-    original = getattr(module, "original_name", "") or ""
-    return original.startswith(_NORM_NAMES)
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.kind
 
 
-def set_mc(model: nn.Module, sample_drop_path: bool = False) -> nn.Module:
-    """Put ``model`` in MC mode (see the module docstring). Returns ``model``."""
-    model.train()
-    for module in model.modules():
-        if _keeps_running_stats(module) or (is_drop_path(module) and not sample_drop_path):
-            module.eval()
-    return model
+@dataclass(frozen=True)
+class MCPlan:
+    """What MC mode needs to know about a model, found by running it once (:func:`plan_mc`)."""
+
+    sites: list[DropoutSite]
+    owners: tuple[str, ...] = ()  # modules in train mode because their forward gates a dropout on it
+    first: str | None = None  # the module owning the sampled site that runs first ("<root>": the model)
 
 
-@contextlib.contextmanager
-def _restoring_modes(model: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    try:
-        yield
-    finally:
-        for module, flag in flags.items():
-            if module.training != flag:
-                module.train(flag)
-
-
-@contextlib.contextmanager
-def mc_mode(model: nn.Module, sample_drop_path: bool = False) -> Iterator[nn.Module]:
-    """Sample dropout masks inside the block; restore every module's training flag after it."""
-    with _restoring_modes(model):
-        yield set_mc(model, sample_drop_path)
-
-
-@contextlib.contextmanager
-def deterministic(model: nn.Module) -> Iterator[nn.Module]:
-    """Standard-dropout (eval) mode inside the block; restore every module's training flag after it."""
-    with _restoring_modes(model):
-        yield model.eval()
-
-
+# --------------------------------------------------------------------------- masks
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A Bernoulli(1 - p) keep mask with the shape and strides of ``x``, from 16 random bits each.
 
@@ -144,31 +125,138 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return uniform >= round(p * 65536) - 32768
 
 
-class FastMasks(TorchFunctionMode):
-    """Elementwise dropout with the same distribution (see :func:`keep_mask`), drawn faster.
+def _arg(args, kwargs, index: int, names: tuple[str, ...], default):
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return args[index] if len(args) > index else default
 
-    With dropout on large activations (a conv layer's output), mask generation is a large part
-    of an MC forward pass, so the teacher samples its masks this way. Only elementwise
-    ``F.dropout`` / ``torch.dropout`` are replaced; the rest runs as written.
+
+def _with_arg(args, kwargs, index: int, names: tuple[str, ...], value):
+    """``(args, kwargs)`` with the argument at ``index`` (or named ``names``) set to ``value``."""
+    for name in names:
+        if name in kwargs:
+            return args, {**kwargs, name: value}
+    if len(args) > index:
+        return (*args[:index], value, *args[index + 1:]), kwargs
+    return args, {**kwargs, names[0]: value}
+
+
+class SampledDropout(TorchFunctionMode):
+    """Inside it, dropout functions drop units whatever their training argument says.
+
+    ``F.dropout(x, p, self.training)`` in a module in eval mode samples a mask, and so does the
+    attention dropout of ``F.multi_head_attention_forward``; elementwise ``F.dropout`` /
+    ``torch.dropout`` draw their masks with :func:`keep_mask` (the same distribution, faster)
+    unless ``fast=False``. An active mode also turns off the eval-only fast paths of
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``, which would skip dropout.
     """
+
+    def __init__(self, fast: bool = True):
+        super().__init__()
+        self.fast = fast
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.dropout or func is torch.dropout:
-            x = args[0]
-            p = float(_arg(args, kwargs, 1, ("p",), 0.5))
-            training = bool(_arg(args, kwargs, 2, ("training", "train"), True))
-            inplace = bool(_arg(args, kwargs, 3, ("inplace",), False))
-            if training and 0 < p < 1 and isinstance(x, torch.Tensor) and x.is_floating_point():
+        if func in _FUNCTIONAL and float(_arg(args, kwargs, 1, ("p",), 0.5)) > 0:
+            x, p = args[0], float(_arg(args, kwargs, 1, ("p",), 0.5))
+            if self.fast and func in (F.dropout, torch.dropout) and p < 1 and x.is_floating_point():
                 keep = keep_mask(x, p)
-                if inplace:
+                if bool(_arg(args, kwargs, 3, ("inplace",), False)):
                     return x.mul_(keep).mul_(1.0 / (1.0 - p))
                 return x * keep * (1.0 / (1.0 - p))
+            args, kwargs = _with_arg(args, kwargs, 2, ("training", "train"), True)
+        elif func is F.multi_head_attention_forward and float(_arg(args, kwargs, 13, ("dropout_p",), 0.0)) > 0:
+            args, kwargs = _with_arg(args, kwargs, 14, ("training",), True)
         return func(*args, **kwargs)
 
 
+# --------------------------------------------------------------------------- modes
+def is_drop_path(module: nn.Module) -> bool:
+    return type(module).__name__ in DROP_PATH_NAMES or getattr(module, "original_name", None) in DROP_PATH_NAMES
+
+
+def _keeps_running_stats(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return bool(module.track_running_stats)
+    original = getattr(module, "original_name", "") or ""
+    return original.startswith(_NORM_NAMES)
+
+
+def _as_list(site) -> list[DropoutSite]:
+    return site if isinstance(site, list) else [site] if site else []
+
+
+def _set_training(module: nn.Module, flag: bool) -> None:
+    """Switch ``module`` alone (not its children). Modules that know their own sites (a
+    torch.export program) switch them in their own ``train``."""
+    if module.training != flag:
+        if hasattr(module, "ddtool_dropout_sites"):
+            module.train(flag)
+        else:
+            module.training = flag
+
+
+def _train_mode_in_mc(name: str, module: nn.Module, sample_drop_path: bool, owners) -> bool:
+    if isinstance(module, torch.jit.ScriptModule):  # not traceable: all but running-stat norms
+        return not _keeps_running_stats(module) and not (is_drop_path(module) and not sample_drop_path)
+    if (name or "<root>") in owners:
+        return True
+    return any(s.sampled and s.p > 0 for s in _as_list(_module_site(name, module, sample_drop_path)))
+
+
+def set_mc(model: nn.Module, sample_drop_path: bool = False, owners=()) -> nn.Module:
+    """The training flags of MC mode (see the module docstring): dropout modules and the modules
+    named in ``owners`` in train mode, every other module in eval mode. Sampling also needs
+    :class:`SampledDropout` around the forward pass; :func:`mc_mode` does both."""
+    for name, module in model.named_modules():
+        _set_training(module, _train_mode_in_mc(name, module, sample_drop_path, owners))
+    return model
+
+
+@contextlib.contextmanager
+def _restoring_modes(model: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            _set_training(module, flag)
+
+
+@contextlib.contextmanager
+def mc_mode(model: nn.Module, sample_drop_path: bool = False, owners=(), fast: bool = True) -> Iterator[nn.Module]:
+    """Sample dropout, and only dropout, inside the block; restore every training flag after it.
+
+    ``owners`` names the modules whose forward gates a dropout on their own training flag
+    (:func:`plan_mc` finds them); ``fast=False`` draws masks with torch's own functions.
+    """
+    with _restoring_modes(model):
+        set_mc(model, sample_drop_path, owners)
+        with SampledDropout(fast):
+            yield model
+
+
+@contextlib.contextmanager
+def deterministic(model: nn.Module) -> Iterator[nn.Module]:
+    """Standard-dropout (eval) mode inside the block; restore every training flag after it."""
+    with _restoring_modes(model):
+        yield model.eval()
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module, sample_drop_path: bool) -> Iterator[nn.Module]:
+    """Train mode but for running-stat norms (and DropPath unless sampled): what discovery runs in."""
+    with _restoring_modes(model):
+        model.train()
+        for module in model.modules():
+            if _keeps_running_stats(module) or (is_drop_path(module) and not sample_drop_path):
+                module.eval()
+        yield model
+
+
 # --------------------------------------------------------------------------- discovery
-def _module_site(name: str, module: nn.Module, sample_drop_path: bool) -> DropoutSite | None:
+def _module_site(name: str, module: nn.Module, sample_drop_path: bool) -> DropoutSite | list | None:
     name = name or "<root>"
     cls = type(module).__name__
     original = getattr(module, "original_name", None)  # scripted modules keep their class name here
@@ -187,20 +275,8 @@ def _module_site(name: str, module: nn.Module, sample_drop_path: bool) -> Dropou
 
 def module_sites(model: nn.Module, sample_drop_path: bool = False) -> list[DropoutSite]:
     """The sites visible without running the model: dropout-bearing modules with p > 0."""
-    found = []
-    for name, module in model.named_modules():
-        site = _module_site(name, module, sample_drop_path)
-        for s in site if isinstance(site, list) else [site] if site else []:
-            if s.p > 0:
-                found.append(s)
-    return found
-
-
-def _arg(args, kwargs, index: int, names: tuple[str, ...], default):
-    for name in names:
-        if name in kwargs:
-            return kwargs[name]
-    return args[index] if len(args) > index else default
+    return [s for name, module in model.named_modules()
+            for s in _as_list(_module_site(name, module, sample_drop_path)) if s.p > 0]
 
 
 def _dropout_call(func, args, kwargs) -> tuple[str, float, str] | None:
@@ -228,7 +304,8 @@ def _dropout_call(func, args, kwargs) -> tuple[str, float, str] | None:
 
 class _Recorder(TorchFunctionMode):
     """Records dropout-like calls, the innermost module running when each was made, and the
-    shape of the tensor each one drops units of."""
+    shape of the tensor each one drops units of. Entered outside :class:`SampledDropout`, it
+    sees the calls as that mode passes them on."""
 
     def __init__(self, stack: list[str] | None = None, events: list[str] | None = None):
         super().__init__()
@@ -256,27 +333,45 @@ def _call_model(model: nn.Module, example):
     return model(example)
 
 
-@torch.no_grad()
-def _trace(model: nn.Module, example, sample_drop_path: bool) -> tuple[list[DropoutSite], list[str]]:
-    """Every site, found by running one forward pass on ``example`` in MC mode, and the names of
-    the sites in the order they first ran (sampled sites only).
+def _sandbox(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` sharing its parameters but not its buffers or Python state, to run in
+    train mode without touching ``model`` (a model that cannot be copied is used as it is)."""
+    try:
+        return copy.deepcopy(model, {id(p): p for p in model.parameters()})
+    except Exception:  # noqa: BLE001 - deepcopy fails on some exotic attributes
+        return model
 
-    Module sites get the number of times their module ran; functional and attention calls made
-    inside other modules' forwards become sites of those modules, counted per call.
-    """
+
+@dataclass
+class _Trace:
+    """One forward pass, watched: the sites that dropped units, their order and their gates."""
+
+    sites: list[DropoutSite]
+    order: list[str]  # sampled sites by first call
+    gates: dict[tuple[str, str], str]  # site -> the module whose forward decided to call it
+
+
+@torch.no_grad()
+def _trace(model: nn.Module, example, sample_drop_path: bool, mode) -> _Trace:
+    """Run ``model`` on ``example`` in ``mode`` (a context manager on the model) and record its
+    sites. Module sites get the number of times their module ran; functional and attention calls
+    made inside other modules' forwards become sites of those modules, counted per call."""
     static = {s.name: s for s in module_sites(model, sample_drop_path)}
     names = {id(m): (n or "<root>") for n, m in model.named_modules()}
     stack: list[str] = []
     counts: dict[str, int] = {}
     events: list[str] = []  # module sites as they are entered, owners of dropout calls as they call
+    gates: dict[tuple[str, str], str] = {}
 
     def enter(module, _args):
         name = names.get(id(module))
         if name is not None:
+            if name in static:
+                gates.setdefault(static[name].key, stack[-1] if stack else "<root>")  # its caller
+                if static[name].sampled:
+                    events.append(name)
             stack.append(name)
             counts[name] = counts.get(name, 0) + 1
-            if name in static and static[name].sampled:
-                events.append(name)
 
     def leave(module, _args, _out):
         if id(module) in names and stack:
@@ -285,12 +380,11 @@ def _trace(model: nn.Module, example, sample_drop_path: bool) -> tuple[list[Drop
     recorder = _Recorder(stack, events)
     hooks = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
     try:
-        with mc_mode(model, sample_drop_path), recorder, torch.random.fork_rng(devices=[]):
+        with recorder, mode(model), torch.random.fork_rng(devices=[]):
             _call_model(model, example)
     finally:
         for hook in hooks:
             hook.remove()
-
     sites = {n: replace(s, calls=counts.get(n, 0)) for n, s in static.items()}
     functional: dict[tuple[str, str], DropoutSite] = {}
     for owner, kind, p, found_by in recorder.calls:
@@ -298,34 +392,33 @@ def _trace(model: nn.Module, example, sample_drop_path: bool) -> tuple[list[Drop
             continue
         site = functional.get((owner, kind))
         functional[(owner, kind)] = replace(site, calls=site.calls + 1) if site else DropoutSite(owner, kind, p, found_by, 1)
+        gates[(owner, kind)] = owner
     sampled = {s.name for s in static.values() if s.sampled} | {owner for owner, _ in functional}
     order = list(dict.fromkeys(e for e in events if e in sampled))
-    return list(sites.values()) + list(functional.values()), order
+    return _Trace(list(sites.values()) + list(functional.values()), order, gates)
 
 
-def traced_sites(model: nn.Module, example, sample_drop_path: bool = False) -> list[DropoutSite]:
-    """Every site, found by running one forward pass on ``example`` (see :func:`_trace`)."""
-    return _trace(model, example, sample_drop_path)[0]
-
-
-def first_site(model: nn.Module, example, sample_drop_path: bool = False) -> str | None:
-    """The name of the module owning the sampled dropout site that runs first on ``example``
-    (``"<root>"`` when the model's own forward drops units first), or None if none runs.
-
-    This is execution order, not registration order: a module registered early may run late.
-    """
-    if isinstance(model, torch.jit.ScriptModule):
-        return None
-    order = _trace(model, example, sample_drop_path)[1]
-    return order[0] if order else None
+def plan_mc(model: nn.Module, example, sample_drop_path: bool = False) -> MCPlan:
+    """The sites of ``model`` and what MC mode must switch to sample them, from two passes on
+    ``example``: one in train mode (on a sandbox copy) finds every site, one in MC mode finds
+    those that do not drop units there; the modules gating those on their training flag are the
+    plan's ``owners``. Sites that drop units only in MC mode (a dropout function called with
+    ``training=False``) are sites too."""
+    if example is None or isinstance(model, torch.jit.ScriptModule):
+        return MCPlan(module_sites(model, sample_drop_path))
+    trained = _trace(_sandbox(model), example, sample_drop_path, lambda m: _train_mode(m, sample_drop_path))
+    sampled = _trace(model, example, sample_drop_path, lambda m: mc_mode(m, sample_drop_path, fast=False))
+    calls = {s.key: s.calls for s in sampled.sites}
+    missing = [s for s in trained.sites if s.sampled and s.calls and calls.get(s.key, 0) < s.calls]
+    owners = tuple(sorted({trained.gates[s.key] for s in missing}))
+    known = {s.key for s in trained.sites}
+    extra = [s for s in sampled.sites if s.key not in known and s.calls]
+    return MCPlan(trained.sites + extra, owners, trained.order[0] if trained.order else None)
 
 
 @torch.no_grad()
 def dropout_shapes(run) -> tuple[object, list[tuple[int, ...]]]:
-    """``run()``'s result, and the shape of the tensor of every dropout-like call it made, in order.
-
-    Calls inside the forward of a dropout module count once, as that call.
-    """
+    """``run()``'s result, and the shape of the tensor of every dropout-like call it made, in order."""
     recorder = _Recorder()
     with recorder:
         out = run()
@@ -337,27 +430,30 @@ def find_dropout(model: nn.Module, example=None, sample_drop_path: bool = False)
 
     Scripted (TorchScript) models cannot be traced from Python, so only their modules are found.
     """
-    if example is None or isinstance(model, torch.jit.ScriptModule):
-        return module_sites(model, sample_drop_path)
-    return traced_sites(model, example, sample_drop_path)
+    return plan_mc(model, example, sample_drop_path).sites
 
 
-def require_dropout(model: nn.Module, example=None, sample_drop_path: bool = False, select=None) -> list[DropoutSite]:
-    """:func:`find_dropout`, raising :class:`NoDropoutError` when nothing would be sampled.
+def check_dropout(model: nn.Module, example=None, sample_drop_path: bool = False, select=None) -> MCPlan:
+    """:func:`plan_mc`, raising :class:`NoDropoutError` when nothing would be sampled.
 
     With an ``example``, also checks that two MC passes give different outputs: the one test
     that no way of writing dropout can escape.
     """
-    sites = find_dropout(model, example, sample_drop_path)
-    if not any(s.sampled for s in sites):
+    plan = plan_mc(model, example, sample_drop_path)
+    if not any(s.sampled for s in plan.sites):
         hint = "" if example is not None else " (functional dropout is found only by running the model on an input)"
-        skipped = " (DropPath sites are not sampled unless asked for)" if sites else ""
+        skipped = " (DropPath sites are not sampled unless asked for)" if plan.sites else ""
         raise NoDropoutError(f"no active dropout found: no dropout layer with p > 0{skipped}{hint}")
     if example is not None:
-        with torch.no_grad(), mc_mode(model, sample_drop_path), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), mc_mode(model, sample_drop_path, plan.owners), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             a = select_output(_call_model(model, example), select)
             b = select_output(_call_model(model, example), select)
         if torch.equal(a, b):
             raise NoDropoutError("no active dropout found: the outputs do not vary when dropout is sampled")
-    return sites
+    return plan
+
+
+def require_dropout(model: nn.Module, example=None, sample_drop_path: bool = False, select=None) -> list[DropoutSite]:
+    """The sites of :func:`check_dropout`."""
+    return check_dropout(model, example, sample_drop_path, select).sites

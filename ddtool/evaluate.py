@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import Inputs, Preprocess
-from .dropout import deterministic, require_dropout
+from .dropout import MCPlan, check_dropout, deterministic
 from .files import atomic_output
 from .mc import MC_ROWS, MCSampler, probabilities
 from .model import count_parameters, fast_layout, probe
@@ -72,14 +72,16 @@ class EvalReport:
 @torch.no_grad()
 def predict_probs(
     model: nn.Module, x: torch.Tensor, batch_size: int, mc_samples: int = 0, select=None, sample_drop_path: bool = False,
+    plan: MCPlan | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Class probabilities of ``model`` on prepared inputs, and the seconds the pass took.
 
     ``mc_samples=0`` runs the model deterministically (standard dropout); ``m > 0`` averages the
     softmax of ``m`` masked passes (MC dropout), stacked into batches of about ``MC_ROWS`` rows.
+    ``plan`` is the model's :class:`ddtool.dropout.MCPlan`, if it is known already.
     """
     probs = []
-    sampler = MCSampler(model, x[:2], select=select, sample_drop_path=sample_drop_path) if mc_samples else None
+    sampler = MCSampler(model, x[:2], select=select, sample_drop_path=sample_drop_path, plan=plan) if mc_samples else None
     start = time.perf_counter()
     with deterministic(model):
         for chunk in x.split(batch_size):
@@ -91,10 +93,11 @@ def predict_probs(
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, x: torch.Tensor, mc_samples: int = 0, select=None, runs: int = 30) -> float:
+def latency_ms(model: nn.Module, x: torch.Tensor, mc_samples: int = 0, select=None, runs: int = 30,
+               sample_drop_path: bool = False, plan: MCPlan | None = None) -> float:
     """Median milliseconds to predict one input (after a warm-up), over ``runs`` inputs."""
     singles = [x[i % x.shape[0]: i % x.shape[0] + 1] for i in range(runs + 3)]
-    sampler = MCSampler(model, x[:2], select=select) if mc_samples else None
+    sampler = MCSampler(model, x[:2], select=select, sample_drop_path=sample_drop_path, plan=plan) if mc_samples else None
     times = []
     with deterministic(model):
         for i, one in enumerate(singles):
@@ -178,7 +181,7 @@ def evaluate(
     models = {"standard": teacher, **(distilled or {})}
     for model in models.values():
         probe(model, x[:2], select)
-    require_dropout(teacher, x[:2], sample_drop_path, select)
+    plan = check_dropout(teacher, x[:2], sample_drop_path, select)
     labels = inputs.labels
     runs: dict[str, list[dict]] = {name: [] for name in [*models, "mc"]}
     deterministic_probs = {}
@@ -191,8 +194,8 @@ def evaluate(
         for r in range(repeats):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + r)
-                mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path)
-                mc_latency = latency_ms(teacher, x, mc_samples, select, runs=10) if timing and r == 0 else None
+                mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path, plan)
+                mc_latency = latency_ms(teacher, x, mc_samples, select, 10, sample_drop_path, plan) if timing and r == 0 else None
             runs["mc"].append({**metrics(mc, None, labels), "throughput": len(x) / seconds, "latency_ms": mc_latency})
             for name, probs in deterministic_probs.items():
                 entry = metrics(probs, mc, labels)

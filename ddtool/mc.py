@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dropout import FastMasks, deterministic, dropout_shapes, first_site, mc_mode, set_mc
+from .dropout import MCPlan, SampledDropout, deterministic, dropout_shapes, mc_mode, plan_mc, set_mc
 from .outputs import select_output
 
 #: Rows per stacked forward pass in MC evaluation: bigger batches only cost memory traffic on the
@@ -55,15 +55,15 @@ class MCSampler:
     """
 
     def __init__(self, model: nn.Module, example, *, select=None, sample_drop_path: bool = False,
-                 share_prefix: bool = True, own: bool = False):
+                 share_prefix: bool = True, own: bool = False, plan: MCPlan | None = None):
         self.model, self.select, self.sample_drop_path, self.own = model, select, sample_drop_path, own
+        self.plan = plan or plan_mc(model, example, sample_drop_path)
         self.hook_module: nn.Module | None = None
         if own:
-            set_mc(model, sample_drop_path)
-        if share_prefix and isinstance(example, torch.Tensor) and not isinstance(model, torch.jit.ScriptModule):
-            name = first_site(model, example, sample_drop_path)
-            self.hook_module = None if name in (None, "<root>") else model.get_submodule(name)
-            if self.hook_module is not None and not self._sharing_is_exact(example):
+            set_mc(model, sample_drop_path, self.plan.owners)
+        if share_prefix and self.plan.first not in (None, "<root>") and isinstance(example, torch.Tensor):
+            self.hook_module = model.get_submodule(self.plan.first)
+            if not self._sharing_is_exact(example):
                 self.hook_module = None
 
     @property
@@ -71,12 +71,9 @@ class MCSampler:
         """Whether the deterministic prefix runs once for all K copies."""
         return self.hook_module is not None
 
-    @contextlib.contextmanager
     def _sampling(self, fast: bool = True):
-        # FastMasks replaces F.dropout without calling it: a recording mode must go without it
-        with contextlib.nullcontext() if self.own else mc_mode(self.model, self.sample_drop_path), \
-                FastMasks() if fast else contextlib.nullcontext():
-            yield
+        """MC mode for one call (a model of its own stays in it: only the functions are sampled)."""
+        return SampledDropout(fast) if self.own else mc_mode(self.model, self.sample_drop_path, self.plan.owners, fast)
 
     @contextlib.contextmanager
     def _repeat_at_stacking_point(self, batch: int, k: int):
@@ -116,12 +113,17 @@ class MCSampler:
                 shared, plain = self._stacked(example, CHECK_K), self._plain(example, CHECK_K)
             if shared.shape != plain.shape or not torch.allclose(shared, plain, atol=1e-5, rtol=1e-4):
                 return False
-            with torch.random.fork_rng(devices=[]), self._sampling(fast=False):  # masks not from the run's stream
-                _, shared_calls = dropout_shapes(lambda: self._stacked(example, CHECK_K))
-                _, plain_calls = dropout_shapes(lambda: self._plain(example, CHECK_K))
+            with torch.random.fork_rng(devices=[]):  # the check draws masks: not from the run's stream
+                shared_calls = dropout_shapes(lambda: self._checked(self._stacked, example))[1]
+                plain_calls = dropout_shapes(lambda: self._checked(self._plain, example))[1]
         except Exception:  # noqa: BLE001 - a shape clash means sharing does not apply
             return False
         return shared_calls == plain_calls
+
+    def _checked(self, run, example):
+        # torch's own masks: fast ones replace F.dropout without calling it, hiding it from the recorder
+        with self._sampling(fast=False):
+            return run(example, CHECK_K)
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor, k: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dropout_zoo import ZOO, ConvBN, Residual
-from ddtool.dropout import FastMasks, find_dropout, keep_mask, mc_mode, require_dropout
+from ddtool.dropout import SampledDropout, find_dropout, keep_mask, mc_mode, plan_mc, require_dropout
 from ddtool.errors import NoDropoutError
 
 
@@ -27,9 +27,11 @@ def test_every_site_is_found(name):
 def test_mc_outputs_vary_and_deterministic_outputs_do_not(name):
     model, x, _ = _build(name)
     require_dropout(model, x, sample_drop_path=True)
+    owners = plan_mc(model, x, sample_drop_path=True).owners
+    assert owners == (("<root>",) if name == "sdpa" else ())  # it gates its attention dropout on self.training
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
-        with mc_mode(model, sample_drop_path=True):
+        with mc_mode(model, sample_drop_path=True, owners=owners):
             outs = [model(x) for _ in range(4)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
     assert not any(m.training for m in model.modules())  # mc_mode put everything back
@@ -74,12 +76,12 @@ def test_no_dropout_is_an_error():
         require_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)))
 
 
-def test_mc_mode_restores_training_flags_and_keeps_norm_layers_in_eval():
+def test_mc_mode_switches_only_dropout_and_restores_training_flags():
     model = ConvBN().train()
     model.fc.eval()
     before = [m.training for m in model.modules()]
     with mc_mode(model):
-        assert model.drop.training and model.conv.training and not model.bn.training
+        assert model.drop.training and not any(m.training for m in (model, model.conv, model.bn, model.fc))
     assert [m.training for m in model.modules()] == before
 
 
@@ -94,8 +96,8 @@ def test_scripted_model_sites_and_sampling():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_fast_masks_keep_each_element_with_probability_one_minus_p(p, layout):
     """keep_mask: the keep rate is 1 - p within 5 standard errors, masks follow the layout of the
-    input, neighbouring elements (which share a 64-bit draw) are uncorrelated, and FastMasks
-    scales kept elements by 1 / (1 - p) like F.dropout."""
+    input, neighbouring elements (which share a 64-bit draw) are uncorrelated, and SampledDropout
+    scales kept elements by 1 / (1 - p) like F.dropout, whatever the training argument says."""
     torch.manual_seed(0)
     x = torch.ones(64, 8, 24, 24)
     if layout == "channels_last":
@@ -109,22 +111,21 @@ def test_fast_masks_keep_each_element_with_probability_one_minus_p(p, layout):
     flat = keep.flatten()
     corr = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()
     assert abs(corr) < 5 / n ** 0.5
-    with FastMasks():
-        y = torch.nn.functional.dropout(x, p, training=True)
-    values = torch.unique(y)
-    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / (1 - p))
-    with FastMasks():
-        assert torch.equal(torch.nn.functional.dropout(x, p, training=False), x)
+    for training in (True, False):
+        with SampledDropout():
+            y = torch.nn.functional.dropout(x, p, training=training)
+        values = torch.unique(y)
+        assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / (1 - p))
 
 
 def test_fast_masks_give_the_same_mc_average_as_f_dropout():
-    """MC averages of a conv net through FastMasks and through F.dropout agree within noise."""
+    """MC averages of a conv net through SampledDropout and through F.dropout agree within noise."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Dropout(0.3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 9, 3)).train()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         plain = torch.stack([net(x) for _ in range(4000)])
-        with FastMasks():
+        with SampledDropout():
             fast = torch.stack([net(x) for _ in range(4000)])
     stderr = (plain.std(0) ** 2 / 4000 + fast.std(0) ** 2 / 4000).sqrt()
     assert ((plain.mean(0) - fast.mean(0)).abs() < 5 * stderr + 1e-6).all()

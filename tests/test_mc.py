@@ -202,3 +202,83 @@ def test_sharing_falls_back_to_the_plain_stack_when_a_dropout_call_would_miss_th
 
     torch.manual_seed(0)
     assert MCSampler(Branches(), torch.randn(3, 8)).hook_module is None
+
+
+# --------------------------------------------------------------------------- only dropout is sampled
+class CountsTrainCalls(nn.Module):
+    """A user's module whose train mode changes its state: it counts the calls made in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.train_calls = nn.Linear(16, 3), 0
+
+    def forward(self, x):
+        self.train_calls += int(self.training)
+        return self.fc(x)
+
+
+class Gated(nn.Module):
+    """Dropout written as the attention of transformers libraries: p is 0 unless self.training."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.p = nn.Linear(16, 48), 0.3
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], 1, 3, 16).unbind(2)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0).flatten(1)
+
+
+def _user_model(parametrized: bool):
+    torch.manual_seed(0)
+    norm = nn.utils.parametrizations.spectral_norm if parametrized else nn.utils.spectral_norm
+    return nn.Sequential(norm(nn.Linear(8, 16)), nn.ReLU(), Gated(), nn.Dropout(0.3), CountsTrainCalls()).eval()
+
+
+def _spectral_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "weight_u" in k or "weight_v" in k or "_u" in k or "_v" in k}
+
+
+@pytest.mark.parametrize("parametrized", [False, True])
+def test_sampling_leaves_every_non_dropout_computation_as_in_eval_mode(parametrized):
+    """spectral_norm runs a power iteration (and updates its vectors) in train mode; a user's
+    module may count its train-mode calls. Discovery, the activity check, MC averages and
+    evaluation sample dropout, the attention dropout gated by its module's training flag
+    included, and change neither."""
+    from ddtool.data import Inputs, Preprocess
+    from ddtool.dropout import find_dropout, require_dropout
+    from ddtool.evaluate import evaluate
+
+    model, x = _user_model(parametrized), torch.randn(6, 8)
+    with torch.no_grad():
+        before, state = model(x), _spectral_state(model)
+    assert state
+    sites = find_dropout(model, x)
+    assert {(s.kind, s.found_by) for s in sites} == {("Dropout", "module"), ("scaled_dot_product_attention", "attention")}
+    require_dropout(model, x)
+    torch.manual_seed(0)
+    mean = mc_average(model, x, 4000)
+    evaluate(model, Inputs(x=x, paths=[None] * 6), Preprocess(), mc_samples=10, timing=False)
+    assert model[-1].train_calls == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    # the last layer is linear after the dropout: the MC mean is the deterministic output, in expectation
+    assert torch.allclose(mean, before, atol=0.1)
+
+
+def test_distillation_targets_see_the_teacher_in_eval_mode_but_for_dropout():
+    """A teacher whose train mode shifts its logits: the MC reference of the held-out inputs must
+    be the eval-mode network's with dropout sampled, so a student that starts as the teacher is
+    already close to it (fidelity small), not 5 nats off."""
+    import ddtool
+
+    class TrainShift(nn.Module):
+        def forward(self, x):
+            return x + 5 * torch.eye(x.shape[1])[0] if self.training else x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 3), TrainShift())
+    config = ddtool.DistillConfig(epochs=1, lr=1e-6, val_fraction=0.5, batch_size=16)
+    result = ddtool.distill(model, _inputs(32), ddtool.Preprocess(), config)
+    assert result.history[0]["fidelity"] < 0.05, result.history
