@@ -308,7 +308,6 @@ def distill(
     finally:
         if progress:
             progress.close()
-        parallel.shutdown(world)
     if not world.main:
         return  # rank 0 writes the results
     provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256, "teacher_format": loaded.format,

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -40,19 +38,17 @@ from torch import nn
 
 from .data import Preprocess, UnlabelledSet, perturbation, split_positions
 from .dropout import check_dropout, deterministic
-from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, ModelError, UsageError
-from .files import atomic_output
+from . import parallel
+from .errors import DDToolError, ModelError, UsageError
 from .mc import MCSampler
 from .model import clone_model, freeze, probe, uses_channels_last
 from .outputs import select_output
-from . import parallel
 from .parallel import SINGLE, World
+from .resume import RunState, interrupted, load_state, save_state, stop_requests
 
 LOSSES = ("kl", "mse")
 OPTIMIZERS = ("sgd", "adam")
 FLIPS = ("", "h", "v", "hv")
-#: Settings that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"epochs", "lr", "lr_drop_epoch", "patience", "device", "compile"}
 
 
 @dataclass
@@ -110,14 +106,6 @@ class DistillResult:
     shared_prefix: bool = False  # whether the teacher's deterministic prefix was computed once
 
 
-class Interrupted(DDToolError):
-    """The run was stopped by a signal after writing a resumable checkpoint."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum if signum else EXIT_INTERRUPTED
-
-
 # --------------------------------------------------------------------------- losses
 def kl_loss(student_out: torch.Tensor, target_probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """KL(p || q) along the class axis ``dim``, averaged over every other position.
@@ -173,38 +161,136 @@ def _optimizer(params, config: DistillConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
+def _learning_rate(opt: torch.optim.Optimizer, config: DistillConfig, epoch: int) -> float:
+    """Sec. 5.1's schedule: the base rate, a tenth of it from ``lr_drop_epoch`` (0-based) on."""
+    lr = config.lr if epoch < config.lr_drop_epoch else config.lr / 10
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of epoch ``epoch``: a function of (seed, epoch) only, so resuming needs no state."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-@contextlib.contextmanager
-def stop_requests():
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
-    state = {"signum": 0}
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def handler(signum, _frame):
-        state["signum"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield state
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _fidelity(student, val_x, val_ref, preprocess, config, device) -> float:
+# --------------------------------------------------------------------------- set-up
+@dataclass
+class _Run:
+    """Everything the loop uses, set up once by :func:`_set_up`."""
+
+    config: DistillConfig
+    world: World
+    device: torch.device
+    data: UnlabelledSet  # S, this process's view of it
+    preprocess: Preprocess
+    student: nn.Module  # the weights being trained
+    trained: nn.Module  # what a step runs: the student, DDP-wrapped and compiled as asked
+    sampler: MCSampler  # the frozen teacher's masked passes
+    opt: torch.optim.Optimizer
+    generator: torch.Generator  # the perturbations of S, drawn in this process
+    perturb: Callable[[torch.Tensor], torch.Tensor] | None  # pixels zeroed and flips, from that generator
+    channels_last: bool
+    batch: int  # this rank's share of the global batch
+    val: torch.Tensor | None = None  # held-out raw inputs
+    val_ref: torch.Tensor | None = None  # their MC reference, in target space
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(parallel.shard(self.world, torch.arange(len(self.data)))) / self.batch)
+
+    def batches(self, epoch: int, skip: int):
+        """(step, raw batch) of ``epoch`` from step ``skip + 1`` on: this rank's share, in the epoch's order."""
+        order = parallel.shard(self.world, _epoch_order(len(self.data), self.config.seed, epoch))
+        return enumerate(self.data.batches(order[skip * self.batch:], self.batch), start=skip + 1)
+
+    def inputs(self, raw: torch.Tensor) -> torch.Tensor:
+        """A raw batch of S as model input, perturbed (the paper's S: pixels zeroed, flips)."""
+        x = self.preprocess.prepare(raw.to(self.device, non_blocking=True), self.perturb)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of K masked teacher passes, in the space the loss compares (Thm. 1(ii))."""
+        return self.sampler.mean(x, self.config.teacher_samples, lambda out: to_target(out, self.config))
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_fn(self.config)(out, target)
+
+    def autocast(self):
+        """bf16 on CUDA; full precision elsewhere."""
+        on_cuda = self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+
+
+def _held_out(data, preprocess: Preprocess, config: DistillConfig, val):
+    """S as an :class:`UnlabelledSet`, and the held-out raw inputs: ``val``, or a share of a tensor."""
+    if isinstance(data, torch.Tensor):
+        train_pos, val_pos = split_positions(data.shape[0], config.val_fraction if val is None else 0.0, config.seed)
+        if val_pos:
+            val = data[val_pos]
+        data = UnlabelledSet.from_tensor(data[train_pos] if val_pos else data, preprocess)
+    if len(data) == 0:
+        raise DDToolError("no inputs to distill on")
+    return data, val
+
+
+def _models(model: nn.Module, student: nn.Module | None, example, device, config: DistillConfig):
+    """The frozen teacher and the student (a copy of the teacher unless given), on ``device``
+    and in channels_last for conv nets on images."""
+    teacher = freeze(clone_model(model)).to(device)
+    student = (clone_model(model) if student is None else student).eval().to(device)
+    probe(student, example.to(device), config.output)
+    channels_last = uses_channels_last(student, example)
+    if channels_last:
+        teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ModelError("the model has no trainable parameters to distill")
+    return teacher, student, channels_last
+
+
+def _set_up(model, data, preprocess, config: DistillConfig, val, student, world: World, device) -> _Run:
+    """Check the model and the data, and build everything the loop needs."""
+    batch = parallel.local_batch(world, config.batch_size)
+    data, val = _held_out(data, preprocess, config, val)
+    example = preprocess.prepare(next(data.batches(torch.arange(min(len(data), 2)), 2)))
+    probe(model, example, config.output)
+    plan = check_dropout(model, example, config.sample_drop_path, config.output)
+    teacher, student, channels_last = _models(model, student, example, device, config)
+    sampler = MCSampler(teacher, example.to(device), select=config.output, sample_drop_path=config.sample_drop_path,
+                        share_prefix=config.share_prefix, own=True, plan=plan)
+    trained = student
+    if world.distributed:  # gradients all-reduced across ranks at every backward pass
+        trained = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        trained, sampler.model = torch.compile(trained), torch.compile(teacher)
+    opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
+    generator = torch.Generator().manual_seed(_rank_seed(config, world))
+    perturb = perturbation(config.perturb, config.flip, generator)
+    run = _Run(config, world, device, data, preprocess, student, trained, sampler, opt, generator, perturb,
+               channels_last, batch, val)
+    if val is not None:
+        run.val_ref = _val_reference(sampler, val, preprocess, config, device)
+    return run
+
+
+def _rank_seed(config: DistillConfig, world: World) -> int:
+    """Each rank its own masks and perturbations."""
+    return config.seed + 1_000_003 * world.rank
+
+
+# --------------------------------------------------------------------------- fidelity
+def _fidelity(run: _Run) -> float:
     """Mean loss of the student against the MC reference on the held-out inputs (no labels)."""
-    total = 0.0
-    with torch.no_grad(), deterministic(student):
-        for raw, ref in zip(val_x.split(256), val_ref.split(256)):
-            out = select_output(student(preprocess.prepare(raw.to(device))), config.output)
-            total += loss_fn(config)(out, ref.to(device)).item() * raw.shape[0]
-    return total / val_x.shape[0]
+    total, loss_of = 0.0, loss_fn(run.config)
+    with torch.no_grad(), deterministic(run.student):
+        for raw, ref in zip(run.val.split(256), run.val_ref.split(256)):
+            out = select_output(run.student(run.preprocess.prepare(raw.to(run.device))), run.config.output)
+            total += loss_of(out, ref.to(run.device)).item() * raw.shape[0]
+    return total / run.val.shape[0]
 
 
 def _val_reference(sampler: MCSampler, val_x, preprocess, config, device) -> torch.Tensor:
@@ -218,29 +304,95 @@ def _val_reference(sampler: MCSampler, val_x, preprocess, config, device) -> tor
     return torch.cat(refs)
 
 
-def _save_state(path: Path, **state) -> None:
-    with atomic_output(path, force=True) as tmp:
-        torch.save({"ddtool_resume": 1, **state}, tmp)
+# --------------------------------------------------------------------------- resume state
+def _start(run: _Run, checkpoint: Path | None, resume: bool) -> RunState:
+    """A fresh state, or the interrupted run's from ``checkpoint`` (loaded into the run)."""
+    if not resume:
+        return RunState()
+    saved = load_state(checkpoint, run.config.as_dict(), run.world.size)
+    run.student.load_state_dict(saved["student"])
+    run.opt.load_state_dict(saved["optimizer"])
+    run.generator.set_state(saved["generator"][run.world.rank])
+    return RunState(saved["epoch"], saved["step"], saved["history"], saved.get("best"), saved["rng"][run.world.rank])
 
 
-def load_resume_state(path: Path, config: DistillConfig) -> dict:
-    """The state of an interrupted run, checked against ``config``."""
-    if not path.is_file():
-        raise UsageError(f"--resume: no resumable checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint (unreadable: {str(err).splitlines()[0]})") from None
-    if not isinstance(state, dict) or state.get("ddtool_resume") != 1:
-        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint")
-    saved = state["config"]
-    changed = [f.name for f in fields(DistillConfig)
-               if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
-    if changed:
-        name = changed[0]
-        raise UsageError(f"--resume: {name} was {saved.get(name)!r} in the interrupted run, now {getattr(config, name)!r}; "
-                         "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change")
-    return state
+def _save(run: _Run, state: RunState, checkpoint: Path | None, teacher_sha256, epoch: int, step: int) -> None:
+    """Write the resumable state after ``step`` of ``epoch`` (rank 0 writes every rank's random state)."""
+    if checkpoint is None:
+        return
+    states = parallel.gather(run.world, (torch.get_rng_state(), run.generator.get_state()))
+    if run.world.main:
+        save_state(checkpoint, config=run.config.as_dict(), epoch=epoch, step=step, teacher_sha256=teacher_sha256,
+                   student=_weights(run.student), optimizer=run.opt.state_dict(),
+                   generator=[g for _, g in states], rng=[r for r, _ in states],
+                   history=state.history, best=state.best, world_size=run.world.size)
+    parallel.barrier(run.world)
+
+
+# --------------------------------------------------------------------------- bookkeeping
+class _Meter:
+    """Inputs seen, summed loss and elapsed time within one epoch, reported after each step."""
+
+    def __init__(self, run: _Run, epoch: int, lr: float, progress):
+        self.run, self.epoch, self.lr, self.progress = run, epoch, lr, progress
+        self.start, self.seen, self.loss_sum = time.perf_counter(), 0, 0.0
+
+    def step(self, step: int, loss: torch.Tensor, rows: int) -> None:
+        value = loss.item()
+        self.seen += rows
+        self.loss_sum += value * rows
+        if self.progress:
+            steps = self.run.steps_per_epoch
+            rate = self.seen * self.run.world.size / max(time.perf_counter() - self.start, 1e-9)  # all ranks
+            self.progress({"event": "step", "done": self.epoch * steps + step, "total": steps * self.run.config.epochs,
+                           "epoch": self.epoch + 1, "loss": value, "lr": self.lr, "samples_per_s": rate})
+
+
+def _end_epoch(run: _Run, state: RunState, meter: _Meter, save) -> bool:
+    """Record the epoch (loss, speed, held-out fidelity), keep the best weights, write the
+    resumable state, report; True when early stopping ends the run."""
+    seconds, epoch = time.perf_counter() - meter.start, meter.epoch
+    record = {"epoch": epoch + 1, "lr": meter.lr, "loss": meter.loss_sum / max(meter.seen, 1), "seconds": round(seconds, 3),
+              "samples_per_s": round(meter.seen * run.world.size / max(seconds, 1e-9), 1)}  # all ranks together
+    if run.data.skipped:
+        record["skipped_files"] = run.data.skipped
+    if run.val_ref is not None:
+        record["fidelity"] = _fidelity(run)
+        if state.best is None or record["fidelity"] < state.best["fidelity"]:
+            state.best = {"epoch": epoch + 1, "fidelity": record["fidelity"], "student": _weights(run.student)}
+    state.history.append(record)
+    save(epoch + 1, 0)
+    if meter.progress:
+        meter.progress({"event": "epoch", **record, "epochs": run.config.epochs})
+    patience = run.config.patience
+    return bool(patience and state.best and epoch + 1 - state.best["epoch"] >= patience)
+
+
+def _check_finite(run: _Run, loss: torch.Tensor, epoch: int, step: int, checkpoint: Path | None) -> None:
+    """A NaN or infinite loss on any rank stops every rank (lower the rate and resume)."""
+    if parallel.any_rank(run.world, int(not torch.isfinite(loss)), run.device):
+        where = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
+        raise ModelError(f"the distillation loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}; lower --lr")
+
+
+def _stop_if_asked(run: _Run, stop: dict, save, epoch: int, step: int, checkpoint: Path | None) -> None:
+    """A SIGINT/SIGTERM on any rank stops every rank after this step, with its state written."""
+    signum = parallel.any_rank(run.world, stop["signum"], run.device)
+    if signum:
+        save(epoch, step)
+        raise interrupted(signum, epoch, step, checkpoint)
+
+
+def _finish(run: _Run, state: RunState, checkpoint: Path | None) -> DistillResult:
+    """The best (or last) student, in eval mode and contiguous on the CPU; the finished run's
+    resumable state is removed."""
+    if state.best is not None:
+        run.student.load_state_dict(state.best["student"])
+    if checkpoint is not None and run.world.main:
+        checkpoint.unlink(missing_ok=True)  # finished: nothing left to resume
+    student = run.student.to(memory_format=torch.contiguous_format) if run.channels_last else run.student
+    return DistillResult(freeze(student.eval().cpu()), state.history, state.best["epoch"] if state.best else None,
+                         run.sampler.shared_prefix and run.config.teacher_samples > 1)
 
 
 # --------------------------------------------------------------------------- Algorithm 2
@@ -273,133 +425,38 @@ def distill(
     """
     config = config or DistillConfig()
     device = parallel.local_device(world, resolve_device(config.device))
-    parallel.init(world, device)
-    batch = parallel.local_batch(world, config.batch_size)
-    if isinstance(data, torch.Tensor):
-        train_pos, val_pos = split_positions(data.shape[0], config.val_fraction if val is None else 0.0, config.seed)
-        if val_pos:
-            val = data[val_pos]
-        data = UnlabelledSet.from_tensor(data[train_pos] if val_pos else data, preprocess)
-    n = len(data)
-    if n == 0:
-        raise DDToolError("no inputs to distill on")
-    first = next(data.batches(torch.arange(min(n, 2)), 2))
-    example = preprocess.prepare(first)
-    probe(model, example, config.output)
-    plan = check_dropout(model, example, config.sample_drop_path, config.output)
-
-    teacher = freeze(clone_model(model)).to(device)
-    student = (clone_model(model) if student is None else student).eval().to(device)
-    probe(student, example.to(device), config.output)
-    channels_last = uses_channels_last(student, example)
-    if channels_last:
-        teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise ModelError("the model has no trainable parameters to distill")
-    opt = _optimizer(params, config)
-    sampler = MCSampler(teacher, example.to(device), select=config.output, sample_drop_path=config.sample_drop_path,
-                        share_prefix=config.share_prefix, own=True, plan=plan)
-    loss_of = loss_fn(config)
-    trained = student
-    if world.distributed:  # gradients all-reduced across ranks at every backward pass
-        trained = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    run_student = torch.compile(trained) if config.compile else trained
-    if config.compile:
-        sampler.model = torch.compile(teacher)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-
-    rank_seed = config.seed + 1_000_003 * world.rank  # each rank its own masks and perturbations
-    gen = torch.Generator().manual_seed(rank_seed)  # perturbations, drawn in this process
-    perturb = perturbation(config.perturb, config.flip, gen)
-    val_ref = _val_reference(sampler, val, preprocess, config, device) if val is not None else None
-    steps_per_epoch = math.ceil(len(parallel.shard(world, torch.arange(n))) / batch)
-    history: list[dict] = []
-    start_epoch, start_step, best = 0, 0, None
     checkpoint = Path(checkpoint) if checkpoint else None
-    rng_state = None
-    if resume:
-        state = load_resume_state(checkpoint, config)
-        if state.get("world_size", 1) != world.size:
-            raise UsageError(f"--resume: the interrupted run had {state.get('world_size', 1)} process(es), this one {world.size}")
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"][world.rank])
-        rng_state, history, best = state["rng"][world.rank], state["history"], state.get("best")
-        start_epoch, start_step = state["epoch"], state["step"]
+    with parallel.process_group(world, device):
+        run = _set_up(model, data, preprocess, config, val, student, world, device)
+        state = _start(run, checkpoint, resume)
+        return _finish(run, _loop(run, state, progress, checkpoint, teacher_sha256), checkpoint)
 
-    def save(epoch: int, step: int) -> None:
-        if checkpoint is None:
-            return
-        states = parallel.gather(world, (torch.get_rng_state(), gen.get_state()))  # every rank's, for --resume
-        if world.main:
-            _save_state(checkpoint, config=config.as_dict(), epoch=epoch, step=step, teacher_sha256=teacher_sha256,
-                        student={k: v.detach().cpu() for k, v in student.state_dict().items()},
-                        optimizer=opt.state_dict(), generator=[g for _, g in states], rng=[r for r, _ in states],
-                        history=history, best=best, world_size=world.size)
-        parallel.barrier(world)
 
-    total_steps = steps_per_epoch * config.epochs
+def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, teacher_sha256) -> RunState:
+    """Algorithm 2: epochs of SGD steps, each on a batch from S, the frozen teacher's target under
+    fresh masks, and the deterministic student's output."""
+    def save(epoch, step):
+        _save(run, state, checkpoint, teacher_sha256, epoch, step)
+
     with torch.random.fork_rng(devices=[]), stop_requests() as stop:
-        torch.manual_seed(rank_seed)  # the teacher's dropout masks
-        if rng_state is not None:
-            torch.set_rng_state(rng_state)
-        for epoch in range(start_epoch, config.epochs):
-            lr = config.lr if epoch < config.lr_drop_epoch else config.lr / 10
-            for group in opt.param_groups:
-                group["lr"] = lr
-            skip = start_step if epoch == start_epoch else 0
-            order = parallel.shard(world, _epoch_order(n, config.seed, epoch))[skip * batch:]
-            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for step, raw in enumerate(data.batches(order, batch), start=skip + 1):
-                # Alg. 2, lines 6-9: inputs from S, fresh gates sigma, one SGD step on l(f_sigma(x), q(x)).
-                x = preprocess.prepare(raw.to(device, non_blocking=True), perturb)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    target = sampler.mean(x, config.teacher_samples, lambda out: to_target(out, config))
-                    out = select_output(run_student(x), config.output)
-                loss = loss_of(out, target)
-                if parallel.any_rank(world, int(not torch.isfinite(loss)), device):
-                    where = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
-                    raise ModelError(f"the distillation loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}; lower --lr")
-                opt.zero_grad(set_to_none=True)
+        torch.manual_seed(_rank_seed(run.config, run.world))  # the teacher's dropout masks
+        if state.rng is not None:
+            torch.set_rng_state(state.rng)
+        for epoch in range(state.epoch, run.config.epochs):
+            lr = _learning_rate(run.opt, run.config, epoch)  # Alg. 2, line 8: eta_t (per epoch, Sec. 5.1)
+            meter = _Meter(run, epoch, lr, progress)
+            for step, raw in run.batches(epoch, state.skip(epoch)):
+                x = run.inputs(raw)  # line 6: a batch x_pi from S, perturbed
+                with run.autocast():
+                    target = run.target(x)  # line 7: fresh gates sigma for the frozen teacher, K per input
+                    out = select_output(run.trained(x), run.config.output)  # the deterministic student q(x)
+                loss = run.loss(out, target)  # line 9: l(f_sigma(x), q(x)), the batch mean
+                _check_finite(run, loss, epoch, step, checkpoint)
+                run.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
-                seen += raw.shape[0]
-                loss_sum += loss.item() * raw.shape[0]
-                if progress:
-                    progress({"event": "step", "done": epoch * steps_per_epoch + step, "total": total_steps,
-                              "epoch": epoch + 1, "loss": loss.item(), "lr": lr,
-                              "samples_per_s": seen * world.size / max(time.perf_counter() - t0, 1e-9)})
-                signum = parallel.any_rank(world, stop["signum"], device)  # a stop on any rank stops all
-                if signum:
-                    save(epoch, step)
-                    name = signal.Signals(signum).name
-                    raise Interrupted(f"stopped by {name} at epoch {epoch + 1}, step {step}; "
-                                      f"continue with --resume" + (f" (state in {checkpoint})" if checkpoint else ""),
-                                      signum)
-            seconds = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1), "seconds": round(seconds, 3),
-                      "samples_per_s": round(seen * world.size / max(seconds, 1e-9), 1)}  # all ranks together
-            if data.skipped:
-                record["skipped_files"] = data.skipped
-            if val_ref is not None:
-                record["fidelity"] = _fidelity(student, val, val_ref, preprocess, config, device)
-                if best is None or record["fidelity"] < best["fidelity"]:
-                    best = {"epoch": epoch + 1, "fidelity": record["fidelity"],
-                            "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}}
-            history.append(record)
-            save(epoch + 1, 0)
-            if progress:
-                progress({"event": "epoch", **record, "epochs": config.epochs})
-            if config.patience and best and epoch + 1 - best["epoch"] >= config.patience:
+                run.opt.step()  # line 9: Omega <- Omega - eta_t * gradient
+                meter.step(step, loss, raw.shape[0])
+                _stop_if_asked(run, stop, save, epoch, step, checkpoint)
+            if _end_epoch(run, state, meter, save):
                 break
-    if best is not None:
-        student.load_state_dict(best["student"])
-    if checkpoint is not None and world.main:
-        checkpoint.unlink(missing_ok=True)  # finished: nothing left to resume
-    if channels_last:
-        student = student.to(memory_format=torch.contiguous_format)
-    return DistillResult(freeze(student.eval().cpu()), history, best["epoch"] if best else None,
-                         sampler.shared_prefix and config.teacher_samples > 1)
+    return state

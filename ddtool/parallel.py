@@ -1,18 +1,21 @@
 """Data-parallel distillation on torchrun / DistributedDataParallel.
 
 ``torchrun --nproc-per-node N -m ddtool distill ...`` starts N processes with RANK, WORLD_SIZE,
-LOCAL_RANK and the rendezvous in their environment; :func:`init` joins them into one process
-group (NCCL on CUDA, gloo on CPU). The work is split by data, the teacher included:
+LOCAL_RANK and the rendezvous in their environment; :func:`process_group` joins them into one
+process group (NCCL on CUDA, gloo on CPU) for the length of a run. The work is split by data,
+the teacher included:
 
 * ``--batch-size`` is the *global* batch B; each rank takes B/N inputs of every global batch. A
   ``DistributedSampler`` (without its own shuffling) deals the epoch's global order out
-  round-robin, so the union of the ranks' local batches is exactly the global batch a single
-  process would take, and each rank runs the K-sample teacher forward on its own share only.
+  round-robin, so the union of the ranks' local batches is the global batch a single process
+  would take, and each rank runs the K-sample teacher forward on its own share only.
+* When N does not divide the number of inputs, the sampler pads the order by repeating its first
+  inputs, so every rank takes as many inputs per step as every other: the last global batch of
+  an epoch then holds up to N - 1 repeated inputs, and no rank ever has fewer rows than another.
 * Each rank draws its own dropout masks and perturbations (seeded by seed and rank).
 * The student is wrapped in DistributedDataParallel: its gradients are all-reduced (averaged), so
-  every rank takes the same SGD step. Each local loss is scaled by its share of the global batch,
-  so that average equals the gradient of the global batch's mean loss even when the last batch
-  divides unevenly.
+  every rank takes the same SGD step. The ranks' local batches are of equal size (above), so that
+  average is the gradient of the global batch's mean loss; no loss needs rescaling.
 * Only rank 0 writes checkpoints, logs and the progress bar. A stop request (SIGINT/SIGTERM) on
   any rank is all-reduced at every step, so all ranks stop at the same step, rank 0 writes the
   resumable state once (with every rank's random state), and all exit with the same code.
@@ -20,7 +23,9 @@ group (NCCL on CUDA, gloo on CPU). The work is split by data, the teacher includ
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,18 +62,19 @@ def from_environment() -> World:
     return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(world: World, device: torch.device) -> None:
-    """Join the process group: NCCL for CUDA devices, gloo for the CPU."""
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """Join the process group for the block (NCCL for CUDA devices, gloo for the CPU) and leave
+    it after; a group the caller made already is used and left alone."""
     if not world.distributed or dist.is_initialized():
+        yield
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
-
-
-def shutdown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
         dist.destroy_process_group()
 
 

@@ -1,0 +1,106 @@
+"""The state of an interrupted distillation, and what ``--resume`` checks before continuing it.
+
+A run writes its state after every epoch and when SIGINT/SIGTERM asks it to stop (between two
+steps): the student's weights, the optimizer's state, every rank's random state (torch's, which
+draws the teacher's masks, and the generator of the perturbations), the history so far, the best
+epoch with early stopping, and the settings. The data order of an epoch is a function of
+(seed, epoch) only, so nothing else is needed to continue to the same weights an uninterrupted
+run reaches. Only rank 0 writes; the file is replaced atomically, so a run killed half-way
+through a write leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, UsageError
+from .files import atomic_output
+
+#: Marks a file as ddtool's resumable state (and its layout's version).
+RESUME_KEY = "ddtool_resume"
+#: Settings that may change between an interrupted run and its --resume.
+RESUMABLE_CHANGES = {"epochs", "lr", "lr_drop_epoch", "patience", "device", "compile"}
+
+
+class Interrupted(DDToolError):
+    """The run was stopped by a signal after writing a resumable checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum if signum else EXIT_INTERRUPTED
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the epoch and the step within it to continue after, the history, the
+    best epoch's weights (with early stopping) and torch's random state to continue from."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"epoch", "fidelity", "student": state dict}
+    rng: torch.Tensor | None = None  # this rank's torch random state; None for a fresh run
+
+    def skip(self, epoch: int) -> int:
+        """Steps of ``epoch`` already done (only the epoch a run was interrupted in has any)."""
+        return self.step if epoch == self.epoch else 0
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+    state = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, _frame):
+        state["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def save_state(path: Path, **state) -> None:
+    """Write the resumable state (plain tensors, numbers and strings) to ``path``, atomically."""
+    with atomic_output(path, force=True) as tmp:
+        torch.save({RESUME_KEY: 1, **state}, tmp)
+
+
+def load_state(path: Path, config: dict, world_size: int) -> dict:
+    """The state of an interrupted run, checked against this run's settings ``config`` and
+    process count: only :data:`RESUMABLE_CHANGES` may differ."""
+    if not path.is_file():
+        raise UsageError(f"--resume: no resumable checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint (unreadable: {str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get(RESUME_KEY) != 1:
+        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint")
+    saved = state["config"]
+    changed = [name for name in config if name not in RESUMABLE_CHANGES and saved.get(name) != config[name]]
+    if changed:
+        name = changed[0]
+        raise UsageError(f"--resume: {name} was {saved.get(name)!r} in the interrupted run, now {config[name]!r}; "
+                         "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change")
+    if state.get("world_size", 1) != world_size:
+        raise UsageError(f"--resume: the interrupted run had {state.get('world_size', 1)} process(es), this one {world_size}")
+    return state
+
+
+def interrupted(signum: int, epoch: int, step: int, checkpoint: Path | None) -> Interrupted:
+    """The error a stop request ends the run with, once its state is written."""
+    where = f" (state in {checkpoint})" if checkpoint else ""
+    return Interrupted(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {step}; "
+                       f"continue with --resume{where}", signum)
