@@ -12,6 +12,11 @@ The Python API, one function per stage of the data path::
     report = ddtool.evaluate(teacher.model, ddtool.read_folder("test/", pre), pre,
                              distilled={"distilled": result.student})
     ddtool.export(result.student, "model.onnx", "onnx", input_shape=(1, 28, 28))
+
+and one call per command, from files to files (what ``ddtool distill`` does)::
+
+    ddtool.distill_to_folder("model.pt", "unlabelled/", "distilled/", ddtool.DistillConfig(epochs=30),
+                             arch="net.py:build", export=["onnx"])
 """
 
 from .checkpoint import LoadedModel, load_model, save_bundle
@@ -22,11 +27,12 @@ from .errors import DDToolError
 from .evaluate import EvalReport, evaluate
 from .export import ExportResult, export
 from .mc import MCSampler, mc_average
+from .pipeline import FolderResult, Inspection, distill_to_folder, evaluate_folder, inspect_checkpoint
 from .version import __version__
 
 __all__ = [
-    "DDToolError", "DistillConfig", "DistillResult", "DropoutSite", "EvalReport", "ExportResult",
-    "Inputs", "LoadedModel", "MCSampler", "Preprocess", "__version__", "distill", "evaluate", "export",
-    "find_dropout", "kl_loss", "load_model", "mc_average", "mc_mode", "read_folder",
-    "resolve_preprocess", "save_bundle",
+    "DDToolError", "DistillConfig", "DistillResult", "DropoutSite", "EvalReport", "ExportResult", "FolderResult",
+    "Inputs", "Inspection", "LoadedModel", "MCSampler", "Preprocess", "__version__", "distill", "distill_to_folder",
+    "evaluate", "evaluate_folder", "export", "find_dropout", "inspect_checkpoint", "kl_loss", "load_model",
+    "mc_average", "mc_mode", "read_folder", "resolve_preprocess", "save_bundle",
 ]

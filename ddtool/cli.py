@@ -13,25 +13,22 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import parallel
 from .arch import parse_arch_args
-from .checkpoint import BUNDLE_NAME, load_model, save_bundle
-from .compress import parse_shrink, shrunk_student, student_from_arch
-from .data import example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
-from .distill import DistillConfig, distill as run_distill, resolve_device
-from .dropout import find_dropout, require_dropout
+from .checkpoint import BUNDLE_NAME, load_model
+from .compress import parse_shrink
+from .data import read_folder
+from .distill import DistillConfig
+from .errors import EXIT_INTERRUPTED, DDToolError, UsageError
+from .export import FORMATS, export_loaded
+from .files import check_output
 from .outputs import parse_select
-from .errors import EXIT_INTERRUPTED, DDToolError, OutputError, UsageError
-from .evaluate import evaluate as run_evaluate, plot as plot_report
-from .export import FORMATS, SUFFIXES, export_loaded
+from .pipeline import distill_to_folder, evaluate_folder, inspect_checkpoint
 from .predict import load_predictor, parse_classes, predict as run_predict, write_predictions
-from .files import check_output, write_text
 from .version import __version__
 
 app = typer.Typer(
@@ -84,13 +81,10 @@ def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | N
     return values
 
 
-def _load(checkpoint: Path, arch: str | None, arch_args: str | None, trust: bool = False):
-    return load_model(checkpoint, arch=arch, arch_args=parse_arch_args(arch_args), trust=trust)
-
-
-def _preprocess(loaded, channels, size, mean, std):
-    return resolve_preprocess(loaded.model, loaded.preprocess, channels, _ints(size, "--size", 2),
-                              _floats(mean, "--mean"), _floats(std, "--std"))
+def _preprocess(channels, size, mean, std) -> dict:
+    """The preprocessing options, parsed: keyword arguments of the API's calls."""
+    return {"channels": channels, "size": _ints(size, "--size", 2), "mean": _floats(mean, "--mean"),
+            "std": _floats(std, "--std")}
 
 
 def _emit_json(doc: dict) -> None:
@@ -144,16 +138,6 @@ def main_options(
 
 
 # ----------------------------------------------------------------------------- inspect
-def _example(loaded, input_shape, data, pre):
-    """An input to run the model on once: from --data, --input-shape, the format, or the bundle."""
-    if data is not None:
-        return pre.prepare(read_folder(data, pre, labelled=False, limit=2).x)
-    shape = _ints(input_shape, "--input-shape", None)
-    if shape:
-        return example_input(shape)
-    return loaded.example
-
-
 @app.command()
 @handles_errors
 def inspect(
@@ -168,26 +152,24 @@ def inspect(
     as_json: Json = False,
 ) -> None:
     """List every dropout site (name, kind, p, how it was found, calls per forward pass)."""
-    loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
-    example = _example(loaded, input_shape, data, _preprocess(loaded, channels, size, mean, std))
-    sites = find_dropout(loaded.model, example, sample_drop_path)
-    params = _count(loaded.model)
+    found = inspect_checkpoint(checkpoint, arch, parse_arch_args(arch_args), input_shape=_ints(input_shape, "--input-shape", None),
+                               data=data, sample_drop_path=sample_drop_path, trust=trust_checkpoint,
+                               **_preprocess(channels, size, mean, std))
     if as_json:
-        _emit_json({"checkpoint": str(checkpoint), "format": loaded.format, "arch": loaded.arch,
-                    "parameters": params, "ran_model": example is not None, "dropout": [s.as_dict() for s in sites]})
+        _emit_json(found.as_dict())
     else:
-        out.print(f"{checkpoint}: {loaded.format}, {loaded.arch}, {params:,} parameters")
+        out.print(f"{checkpoint}: {found.format}, {found.arch}, {found.parameters:,} parameters")
         table = Table()
         for col in ("name", "kind", "p", "found by", "calls", "sampled"):
             table.add_column(col, overflow="fold")
-        for s in sites:
+        for s in found.sites:
             table.add_row(s.name, s.kind, f"{s.p:g}", s.found_by, "?" if s.calls is None else str(s.calls),
                           "yes" if s.sampled else "no")
         out.print(table)
-    if example is None and sites and not isinstance(loaded.model, torch.jit.ScriptModule):
+    if not found.ran_model and found.sites and found.traceable:
         print("note: functional and attention dropout show only when the model runs: pass --input-shape or --data",
               file=sys.stderr)
-    require_dropout(loaded.model, example, sample_drop_path)  # after the report: no dropout is an error
+    found.require_dropout()  # after the report: no dropout is an error
 
 
 # ----------------------------------------------------------------------------- distill
@@ -271,73 +253,37 @@ def distill(
     """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
     OUT/resume.pt and exits with 130 (143); --resume continues. Data-parallel on N processes or GPUs:
     torchrun --nproc-per-node N -m ddtool distill ... (--batch-size is then the global batch)."""
-    bundle_path = check_output(out_dir / BUNDLE_NAME, force)
-    history_path = check_output(out_dir / "history.json", force)
     formats = _parse_formats(export_formats) if export_formats else []
-    export_paths = [check_output(out_dir / f"model{SUFFIXES[f]}", force) for f in formats]
-    class_names = parse_classes(classes)
-    resume_path = out_dir / "resume.pt"
-    if resume_path.exists() and not (resume or force):
-        raise OutputError(f"{resume_path} holds an interrupted run: pass --resume to continue it or --force to start over")
-    if student_arch and shrink:
-        raise UsageError("--student-arch and --shrink are two ways to a smaller student: choose one")
     config = DistillConfig(
         epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, optimizer=optimizer, momentum=momentum,
         weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
         class_dim=class_dim, perturb=perturb, flip=flip, val_fraction=val_fraction, patience=patience, seed=seed,
         output=parse_select(output), sample_drop_path=sample_drop_path, device=device, compile=compile_model)
-    fractions = parse_shrink(shrink)
-    loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
-    pre = _preprocess(loaded, channels, size, mean, std)
-    train, val = open_distill_data(data, pre, val_fraction, seed, cache_mb, workers,
-                                   pin_memory=resolve_device(device).type == "cuda")
-    student, arch_ref, compression = None, loaded.arch_ref, {}
-    if fractions:
-        student, arch_ref = shrunk_student(loaded.model, loaded.arch_ref, fractions)
-    elif student_arch:
-        student, arch_ref, copied = student_from_arch(loaded.model, student_arch, parse_arch_args(student_arch_args))
-        compression["tensors_from_teacher"] = copied
-    if student is not None:
-        compression.update(teacher_parameters=_count(loaded.model), student_parameters=_count(student))
-
-    world = parallel.from_environment()  # set by torchrun; one process otherwise
-    progress = DistillProgress() if world.main else None
+    progress = DistillProgress()
     try:
-        result = run_distill(loaded.model, train, pre, config, progress, val=val, student=student,
-                             checkpoint=resume_path, resume=resume, teacher_sha256=loaded.sha256, world=world)
+        result = distill_to_folder(
+            checkpoint, data, out_dir, config, arch=arch, arch_args=parse_arch_args(arch_args),
+            student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args), shrink=parse_shrink(shrink),
+            classes=parse_classes(classes), export=formats, cache_mb=cache_mb, workers=workers, resume=resume,
+            trust=trust_checkpoint, force=force, progress=progress, **_preprocess(channels, size, mean, std))
     finally:
-        if progress:
-            progress.close()
-    if not world.main:
-        return  # rank 0 writes the results
-    provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256, "teacher_format": loaded.format,
-                  "inputs": len(train), "held_out": 0 if val is None else len(val), "settings": config.as_dict(),
-                  "best_epoch": result.best_epoch, **compression}
-    save_bundle(bundle_path, result.student, arch_ref=arch_ref, preprocess=pre.as_dict(), classes=class_names,
-                input_spec=input_spec(pre, next(train.batches(torch.arange(1), 1))), provenance=provenance, force=force)
-    write_text(history_path, json.dumps(result.history, indent=2) + "\n", force=force)
-    summary = {"bundle": str(bundle_path), "inputs": len(train), "held_out": provenance["held_out"],
-               "skipped": train.skipped, "best_epoch": result.best_epoch, "shared_prefix": result.shared_prefix,
-               **compression, "history": result.history, "exports": []}
-    if formats:  # from the bundle just written: what is exported is what was saved
-        bundle = load_model(bundle_path, trust=trust_checkpoint)
-        for fmt, path in zip(formats, export_paths):
-            exported = export_loaded(bundle, path, fmt, force=force, select=config.output)
-            summary["exports"].append(exported.as_dict())
-            if not as_json:
-                _print_export(exported)
+        progress.close()
+    _report_distilled(result, as_json)
+
+
+def _report_distilled(result, as_json: bool) -> None:
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     if as_json:
-        _emit_json(summary)
-    else:
-        last = result.history[-1]
-        fid = f", fidelity {last['fidelity']:.4f}" if "fidelity" in last else ""
-        size_note = f"; {compression['student_parameters']:,} of {compression['teacher_parameters']:,} parameters" if compression else ""
-        out.print(f"distilled {len(train)} inputs x {len(result.history)} epochs; final loss {last['loss']:.4f}{fid}"
-                  f"{size_note}; wrote {bundle_path}")
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+        _emit_json(result.as_dict())
+        return
+    for exported in result.exports:
+        _print_export(exported)
+    last, compression = result.history[-1], result.compression
+    fid = f", fidelity {last['fidelity']:.4f}" if "fidelity" in last else ""
+    size_note = f"; {compression['student_parameters']:,} of {compression['teacher_parameters']:,} parameters" if compression else ""
+    out.print(f"distilled {result.inputs} inputs x {len(result.history)} epochs; final loss {last['loss']:.4f}{fid}"
+              f"{size_note}; wrote {result.bundle}")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -363,24 +309,10 @@ def evaluate(
     as_json: Json = False,
 ) -> None:
     """Compare standard dropout, MC dropout and distilled models on a folder: quality and cost."""
-    if mc_samples < 1 or batch_size < 1 or repeats < 1:
-        raise UsageError("--mc-samples, --batch-size and --repeats must be at least 1")
-    if plot is not None:
-        check_output(plot, force)
-    teacher = _load(checkpoint, arch, arch_args, trust_checkpoint)
-    students = {}
-    for path in distilled or []:
-        name = path.parent.name if path.name == BUNDLE_NAME else path.name
-        students[name if name not in students else str(path)] = _load(path, arch, arch_args, trust_checkpoint)
-    recorded = next((s.preprocess for s in students.values() if s.preprocess), teacher.preprocess)
-    pre = resolve_preprocess(teacher.model, recorded, channels, _ints(size, "--size", 2),
-                             _floats(mean, "--mean"), _floats(std, "--std"))
-    inputs = read_folder(data, pre)
-    report = run_evaluate(teacher.model, inputs, pre, {k: v.model for k, v in students.items()},
-                          mc_samples=mc_samples, batch_size=batch_size, seed=seed, select=parse_select(output),
-                          sample_drop_path=sample_drop_path, repeats=repeats, timing=timing)
-    if plot is not None:
-        plot_report(report, plot, force=force)
+    report = evaluate_folder(checkpoint, data, distilled or [], arch=arch, arch_args=parse_arch_args(arch_args),
+                             mc_samples=mc_samples, repeats=repeats, batch_size=batch_size, timing=timing, seed=seed,
+                             select=parse_select(output), sample_drop_path=sample_drop_path, trust=trust_checkpoint,
+                             plot_to=plot, force=force, **_preprocess(channels, size, mean, std))
     if as_json:
         _emit_json(report.as_dict())
         return
@@ -447,7 +379,7 @@ def export(
     if len(fmt) != 1:
         raise UsageError("export writes one format per --out; run it once per format")
     check_output(out_file, force)
-    loaded = _load(model, arch, arch_args, trust_checkpoint)
+    loaded = load_model(model, arch=arch, arch_args=parse_arch_args(arch_args), trust=trust_checkpoint)
     result = export_loaded(loaded, out_file, fmt[0], input_shape=_ints(input_shape, "--input-shape", None),
                            classes=parse_classes(classes), atol=atol, force=force, opset=opset,
                            external_data=external_data, script=script, probabilities=probabilities,
