@@ -38,7 +38,7 @@ from common import ROOT, BUILD, fmnist_folder, fmt, save, seed_all  # noqa: E402
 from nets import NETS  # noqa: E402
 
 from ddtool.data import Preprocess, default_workers, index_folder, open_unlabelled, perturbation  # noqa: E402
-from ddtool.distill import DistillConfig, distill, kl_loss  # noqa: E402
+from ddtool.distillation import DistillConfig, distill, kl_loss  # noqa: E402
 from ddtool.model import uses_channels_last  # noqa: E402
 
 BATCH = 64

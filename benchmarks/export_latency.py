@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, fmt, median_ms, save  # noqa: E402
 
 from ddtool.checkpoint import load_model  # noqa: E402
-from ddtool.export import export  # noqa: E402
+from ddtool.exporting import export  # noqa: E402
 
 
 def main() -> None:

@@ -51,10 +51,10 @@ from make_samples import train  # noqa: E402
 from ddtool.checkpoint import load_model  # noqa: E402
 from ddtool.compress import shrunk_student  # noqa: E402
 from ddtool.data import Preprocess  # noqa: E402
-from ddtool.distill import DistillConfig, distill  # noqa: E402
+from ddtool.distillation import DistillConfig, distill  # noqa: E402
 from ddtool.dropout import mc_mode  # noqa: E402
-from ddtool.evaluate import latency_ms, predict_probs  # noqa: E402
-from ddtool.model import fast_layout  # noqa: E402
+from ddtool.evaluation import latency_ms, predict_probs  # noqa: E402
+from ddtool.model import count_parameters, fast_layout  # noqa: E402
 
 PAPER = BUILD / "paper"
 PRE = Preprocess(channels=1)  # images in [0, 1], as the teachers were trained
@@ -265,13 +265,13 @@ def part_tried(d, args) -> dict:
 def part_compress(d, args) -> dict:
     model = teacher("quick", d, args)
     x, y = test_inputs(d, args)
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     s = d["train_x"][: args.s_size]
     settings = settings_of(args, "train", len(s))
     points = []
     for fraction in args.fractions:
         shrunk, _ = shrunk_student(model, {}, {layer: fraction for layer in QUICK_LAYERS})
-        kept = 100 * sum(p.numel() for p in shrunk.parameters()) / total
+        kept = 100 * count_parameters(shrunk) / total
         dist, undistilled = [], error(shrunk, x, y)
         for seed in range(args.compress_seeds):
             def run():

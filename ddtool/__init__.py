@@ -21,11 +21,11 @@ and one call per command, from files to files (what ``ddtool distill`` does)::
 
 from .checkpoint import LoadedModel, load_model, save_bundle
 from .data import Inputs, Preprocess, read_folder, resolve_preprocess
-from .distill import DistillConfig, DistillResult, distill, kl_loss
+from .distillation import DistillConfig, DistillResult, distill, kl_loss
 from .dropout import DropoutSite, find_dropout, mc_mode
 from .errors import DDToolError
-from .evaluate import EvalReport, evaluate
-from .export import ExportResult, export
+from .evaluation import EvalReport, evaluate
+from .exporting import ExportResult, export
 from .mc import MCSampler, mc_average
 from .pipeline import FolderResult, Inspection, distill_to_folder, evaluate_folder, inspect_checkpoint
 from .version import __version__

@@ -46,7 +46,7 @@ from .arch import build_arch, build_factory_ref, factory_ref, load_state_dict_in
 from .compress import rebuild_shrunk
 from .data import spec_example
 from .dropout import DropoutSite
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .files import atomic_output, sha256
 from .version import __version__
 
@@ -221,7 +221,7 @@ def _torch_load(path: Path | io.BytesIO, what: str) -> Any:
             "or pass --trust-checkpoint if you trust whoever made this file"
         ) from None
     except Exception as err:  # noqa: BLE001 - malformed pickles raise IndexError, AssertionError, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"{what} could not be read (truncated or damaged?): {first}") from None
 
 
@@ -285,7 +285,7 @@ def _load_torchscript(source, what: str) -> nn.Module:
             warnings.simplefilter("ignore")
             return torch.jit.load(source, map_location="cpu")
     except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"{what} could not be loaded as TorchScript: {first}") from None
 
 
@@ -357,7 +357,7 @@ def _load_exported(source, what: str, trust: bool) -> tuple[ExportedModel, Any]:
             warnings.simplefilter("ignore")
             program = torch.export.load(source)
     except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"{what} could not be loaded as a torch.export program: {first}") from None
     model = ExportedModel(program.module())
     if not model._dropout_nodes():
@@ -419,7 +419,7 @@ def _load_hf(folder: Path) -> LoadedModel:
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"transformers could not load {folder}: {first}") from None
     wrapped = HFClassifier(model).eval()
     dummy = getattr(model, "dummy_inputs", None) or {}

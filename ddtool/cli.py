@@ -22,9 +22,9 @@ from .arch import parse_arch_args
 from .checkpoint import BUNDLE_NAME, load_model
 from .compress import parse_shrink
 from .data import read_folder
-from .distill import DistillConfig
-from .errors import EXIT_INTERRUPTED, DDToolError, UsageError
-from .export import FORMATS, export_loaded
+from .distillation import DistillConfig
+from .errors import EXIT_INTERRUPTED, DDToolError, UsageError, first_line
+from .exporting import FORMATS, export_loaded
 from .files import check_output
 from .outputs import parse_select
 from .pipeline import distill_to_folder, evaluate_folder, inspect_checkpoint
@@ -115,7 +115,8 @@ def handles_errors(fn):
         except Exception as err:  # noqa: BLE001 - a bug in ddtool, not the user's doing
             if _debug:
                 raise
-            print(f"error: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(f"error: internal error: {type(err).__name__}: {first_line(err)} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -223,7 +224,7 @@ def distill(
     shrink: Annotated[Optional[list[str]], typer.Option("--shrink", help="LAYER=FRACTION: keep the strongest units of a Linear/Conv layer and slice the next; repeatable.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
     lr: Annotated[float, typer.Option(help="Base learning rate.")] = DistillConfig.lr,
-    lr_drop_epoch: Annotated[int, typer.Option(help="Epoch from which the rate is lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
+    lr_drop_epoch: Annotated[int, typer.Option(help="Epochs at the base rate: epochs 1..N use lr, the later ones lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
     optimizer: Annotated[str, typer.Option(help="sgd (with momentum, the paper's) or adam.")] = DistillConfig.optimizer,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = DistillConfig.momentum,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = DistillConfig.weight_decay,

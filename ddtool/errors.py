@@ -59,3 +59,10 @@ class ModelError(DDToolError):
 
 #: Exit code of a run stopped by SIGINT/SIGTERM (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): how a
+    failure in torch or in user code is quoted in ddtool's one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

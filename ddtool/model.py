@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .dropout import deterministic
-from .errors import DDToolError, ModelError
+from .errors import DDToolError, ModelError, first_line
 from .outputs import select_output
 
 
@@ -46,7 +46,7 @@ def probe(model: nn.Module, x, select=None) -> torch.Tensor:
     except DDToolError:
         raise
     except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ModelError(f"the model failed on inputs of shape {shape}: {first}") from None
     if out.dim() == 0 or out.shape[0] != (x.shape[0] if isinstance(x, torch.Tensor) else out.shape[0]):

@@ -29,11 +29,11 @@ from . import parallel
 from .checkpoint import BUNDLE_NAME, LoadedModel, load_model, save_bundle
 from .compress import shrunk_student, student_from_arch
 from .data import Preprocess, example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
-from .distill import DistillConfig, distill, resolve_device
+from .distillation import DistillConfig, distill, resolve_device
 from .dropout import DropoutSite, find_dropout, require_dropout
 from .errors import NoDropoutError, OutputError, UsageError
-from .evaluate import EvalReport, evaluate, plot
-from .export import SUFFIXES, ExportResult, export_loaded
+from .evaluation import EvalReport, evaluate, plot
+from .exporting import SUFFIXES, ExportResult, export_loaded
 from .files import check_output, write_text
 from .model import count_parameters
 from .parallel import World
@@ -198,7 +198,7 @@ def evaluate_folder(
     """Compare the checkpoint's standard and MC dropout with each ``distilled`` model on the
     folder ``data``: what ``ddtool evaluate`` does. A distilled model is named after its folder;
     the preprocessing is the one the distilled bundles recorded (``preprocess`` overrides it).
-    ``plot_to`` also writes the PNG of :func:`ddtool.evaluate.plot`."""
+    ``plot_to`` also writes the PNG of :func:`ddtool.evaluation.plot`."""
     if mc_samples < 1 or batch_size < 1 or repeats < 1:
         raise UsageError("--mc-samples, --batch-size and --repeats must be at least 1")
     if plot_to is not None:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model
 from .data import Inputs, Preprocess, resolve_preprocess
-from .errors import DataError, ModelError, UsageError
-from .export import read_metadata
+from .errors import CheckpointError, DataError, ModelError, UsageError, first_line
+from .exporting import read_metadata
 from .files import atomic_output
 from .outputs import select_output
 
@@ -59,9 +59,7 @@ def load_predictor(
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001
-            from .errors import CheckpointError
-
-            raise CheckpointError(f"onnxruntime could not open {path}: {str(err).strip().splitlines()[0]}") from None
+            raise CheckpointError(f"onnxruntime could not open {path}: {first_line(err)}") from None
         meta = read_metadata(path)
         name = session.get_inputs()[0].name
         outputs = [o.name for o in session.get_outputs()]
@@ -108,7 +106,7 @@ def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: in
             probs = predictor.probs(predictor.preprocess.prepare(raw))
         except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
             raise ModelError(f"the model failed on inputs of shape {tuple(raw.shape)}: "
-                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+                             f"{first_line(err)}") from None
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):

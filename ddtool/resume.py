@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, UsageError
+from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, UsageError, first_line
 from .files import atomic_output
 
 #: Marks a file as ddtool's resumable state (and its layout's version).
@@ -85,7 +85,7 @@ def load_state(path: Path, config: dict, world_size: int) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint (unreadable: {str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint (unreadable: {first_line(err)})") from None
     if not isinstance(state, dict) or state.get(RESUME_KEY) != 1:
         raise CheckpointError(f"{path} is not a ddtool resumable checkpoint")
     saved = state["config"]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 import fashion_mnist  # noqa: E402
 from quick import quick  # noqa: E402
 
-from ddtool.evaluate import predict_probs  # noqa: E402
+from ddtool.evaluation import predict_probs  # noqa: E402
 
 
 def train(model, x, y, epochs: int, lr: float, seed: int, weight_decay: float = 0.0) -> None:

@@ -11,10 +11,10 @@ from torch import nn
 import tiny_arch
 from conftest import write_images
 from ddtool.data import Preprocess, index_folder, open_unlabelled
-from ddtool.distill import DistillConfig, distill, kl_loss, resolve_device
+from ddtool.distillation import DistillConfig, distill, kl_loss, resolve_device
 from ddtool.mc import MCSampler, mc_average, probabilities
 from ddtool.errors import ModelError, NoDropoutError, UsageError
-from ddtool.evaluate import kl_divergence
+from ddtool.evaluation import kl_divergence
 from ddtool.model import clone_model
 from ddtool.resume import Interrupted
 

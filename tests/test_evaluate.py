@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ddtool.data import Inputs, Preprocess
-from ddtool.evaluate import calibration, evaluate, kl_divergence, plot, predict_probs
+from ddtool.evaluation import calibration, evaluate, kl_divergence, plot, predict_probs
 
 
 def test_kl_divergence_matches_definition():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddtool.errors import ExportError, OutputError
-from ddtool.export import export
+from ddtool.exporting import export
 
 
 def test_onnx_export_has_dynamic_batch_and_matches(tmp_path, tiny_model):
@@ -51,7 +51,7 @@ def test_wrong_input_shape_is_an_export_error(tmp_path, tiny_model):
 def test_onnx_probabilities_output_and_metadata(tmp_path, tiny_model):
     import onnxruntime as ort
 
-    from ddtool.export import read_metadata
+    from ddtool.exporting import read_metadata
 
     out = tmp_path / "p.onnx"
     meta = {"ddtool.classes": ["a", "b", "c"], "ddtool.preprocess": {"channels": 1}}
@@ -72,7 +72,7 @@ def test_onnx_opset_and_external_data(tmp_path, tiny_model):
 
 
 def test_scripted_torchscript_and_torch_export(tmp_path, tiny_model):
-    from ddtool.export import read_metadata
+    from ddtool.exporting import read_metadata
 
     export(tiny_model, tmp_path / "s.ts", "torchscript", input_shape=(1, 8, 8), script=True, metadata={"ddtool.x": 1})
     assert read_metadata(tmp_path / "s.ts") == {"ddtool.x": 1}

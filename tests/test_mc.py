@@ -7,7 +7,7 @@ from torch import nn
 
 import tiny_arch
 from dropout_zoo import ConvBN
-from ddtool.evaluate import kl_divergence
+from ddtool.evaluation import kl_divergence
 from ddtool.mc import MCSampler, mc_average, probabilities
 
 
@@ -247,7 +247,7 @@ def test_sampling_leaves_every_non_dropout_computation_as_in_eval_mode(parametri
     included, and change neither."""
     from ddtool.data import Inputs, Preprocess
     from ddtool.dropout import find_dropout, require_dropout
-    from ddtool.evaluate import evaluate
+    from ddtool.evaluation import evaluate
 
     model, x = _user_model(parametrized), torch.randn(6, 8)
     with torch.no_grad():

@@ -57,7 +57,7 @@ class DistillConfig:
 
     epochs: int = 30  # paper: 20 epochs at the base rate, then 10 at a tenth of it
     lr: float = 0.01  # the paper uses the last rate of the teacher's own training
-    lr_drop_epoch: int = 20  # from this epoch on the rate is lr / 10
+    lr_drop_epoch: int = 20  # epochs at the base rate: epochs 1..N (as reported) use lr, later ones lr / 10
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -162,7 +162,8 @@ def _optimizer(params, config: DistillConfig) -> torch.optim.Optimizer:
 
 
 def _learning_rate(opt: torch.optim.Optimizer, config: DistillConfig, epoch: int) -> float:
-    """Sec. 5.1's schedule: the base rate, a tenth of it from ``lr_drop_epoch`` (0-based) on."""
+    """Sec. 5.1's schedule: the base rate for the first ``lr_drop_epoch`` epochs, then a tenth of it
+    (``epoch`` counts from 0 here; reports count from 1)."""
     lr = config.lr if epoch < config.lr_drop_epoch else config.lr / 10
     for group in opt.param_groups:
         group["lr"] = lr

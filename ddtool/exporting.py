@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExportError
+from .errors import ExportError, UsageError, first_line
 from .files import atomic_output
 from .outputs import select_output
 
@@ -111,11 +111,6 @@ def parity_inputs(input_shape: tuple[int, ...], dtype: torch.dtype = torch.float
     return [torch.randint(0, 2, (b, *input_shape), generator=gen).to(dtype) for b in PARITY_BATCHES]
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _check_parity(reference: nn.Module, run, inputs: list[torch.Tensor], atol: float, what: str) -> float:
     worst = 0.0
     with torch.no_grad():
@@ -160,7 +155,7 @@ def _export_onnx(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, ato
         onnx.checker.check_model(str(tmp), full_check=True)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - exporter failures come in many types
-        raise ExportError(f"ONNX export failed: {_first_line(err)}") from None
+        raise ExportError(f"ONNX export failed: {first_line(err)}") from None
     name = session.get_inputs()[0].name
     return _check_parity(model, lambda x: session.run(None, {name: x.numpy()}), inputs, atol, "onnxruntime")
 
@@ -180,7 +175,7 @@ def _export_torchscript(model: nn.Module, tmp: Path, example: torch.Tensor, inpu
     except ExportError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise ExportError(f"TorchScript export failed: {_first_line(err)}") from None
+        raise ExportError(f"TorchScript export failed: {first_line(err)}") from None
     return _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
 
 
@@ -191,7 +186,7 @@ def _export_pt2(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, atol
             torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(opts.get("metadata") or {})})
             reloaded = torch.export.load(str(tmp)).module()
     except Exception as err:  # noqa: BLE001
-        raise ExportError(f"torch.export failed: {_first_line(err)}") from None
+        raise ExportError(f"torch.export failed: {first_line(err)}") from None
     return _check_parity(model, reloaded, inputs, atol, "the reloaded torch.export program")
 
 
@@ -266,8 +261,6 @@ def export_loaded(
 ) -> ExportResult:
     """:func:`export` for a :class:`ddtool.checkpoint.LoadedModel`: the input shape, dtype and
     the metadata (preprocessing, class names, provenance) come from what the checkpoint records."""
-    from .errors import UsageError
-
     spec = loaded.input_spec or {}
     shape = tuple(input_shape) if input_shape else tuple(spec.get("shape") or ())
     if not shape:
