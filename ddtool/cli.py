@@ -240,7 +240,7 @@ def distill(
     output: Output = None,
     sample_drop_path: SampleDropPath = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")] = DistillConfig.device,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the teacher and student (slow to start).")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student (slow to start; the teacher samples eagerly).")] = False,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
     cache_mb: Annotated[float, typer.Option(help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,

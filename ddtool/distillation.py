@@ -75,7 +75,7 @@ class DistillConfig:
     sample_drop_path: bool = False  # also sample DropPath / stochastic depth in the teacher
     share_prefix: bool = True  # run the teacher's deterministic prefix once for all K samples
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    compile: bool = False  # torch.compile the teacher and the student
+    compile: bool = False  # torch.compile the student (the teacher samples under a TorchFunctionMode: eager)
 
     def __post_init__(self):
         checks = {
@@ -266,8 +266,8 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     trained = student
     if world.distributed:  # gradients all-reduced across ranks at every backward pass
         trained = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        trained, sampler.model = torch.compile(trained), torch.compile(teacher)
+    if config.compile:  # the student only: under the sampling mode, the teacher recompiles at every op
+        trained = torch.compile(trained)
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
     generator = torch.Generator().manual_seed(_rank_seed(config, world))
     perturb = perturbation(config.perturb, config.flip, generator)
