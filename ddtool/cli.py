@@ -303,6 +303,7 @@ def evaluate(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: error with error bars per method, and a reliability diagram.", readable=False)] = None,
     seed: Seed = 0,
     output: Output = None,
+    class_dim: Annotated[Optional[int], typer.Option(help="Class axis of the output; other axes are positions compared one by one. Default: the distilled bundle's, else 1.")] = None,
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
@@ -313,12 +314,13 @@ def evaluate(
     report = evaluate_folder(checkpoint, data, distilled or [], arch=arch, arch_args=parse_arch_args(arch_args),
                              mc_samples=mc_samples, repeats=repeats, batch_size=batch_size, timing=timing, seed=seed,
                              select=parse_select(output), sample_drop_path=sample_drop_path, trust=trust_checkpoint,
-                             plot_to=plot, force=force, **_preprocess(channels, size, mean, std))
+                             plot_to=plot, force=force, class_dim=class_dim, **_preprocess(channels, size, mean, std))
     if as_json:
         _emit_json(report.as_dict())
         return
     kind = "labelled" if report.labelled else "unlabelled"
-    table = Table(title=f"{data}: {report.inputs} {kind} inputs, MC m={mc_samples}, {repeats} repeat(s)")
+    where = f" x {report.positions} positions" if report.positions > 1 else ""
+    table = Table(title=f"{data}: {report.inputs} {kind} inputs{where}, MC m={mc_samples}, {repeats} repeat(s)")
     columns = [("method", None, 1, ""), ("error %", "error", 100, ".2f"), ("NLL", "nll", 1, ".3f"),
                ("ECE %", "ece", 100, ".2f"), ("KL to MC", "kl_to_mc", 1, ".4f"), ("agree %", "agreement", 100, ".1f"),
                ("ms / input (b1)", "latency_ms", 1, ".2f"), ("inputs/s (b256)", "throughput", 1, ",.0f"),

@@ -19,6 +19,7 @@ deviation over the repeats.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,7 @@ class EvalReport:
     labelled: bool
     mc_samples: int
     repeats: int = 1
+    positions: int = 1  # output positions per input compared (1 for a classifier)
     results: list[MethodResult] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -69,27 +71,35 @@ class EvalReport:
 
 
 # --------------------------------------------------------------------------- predictions
+def as_rows(probs: torch.Tensor, class_dim: int = 1) -> torch.Tensor:
+    """(N, ..., C, ...) probabilities as (N * P, C): one row per input and output position
+    (P = 1 for a classifier's (N, C) output), the rows of one input next to each other."""
+    moved = probs.movedim(class_dim, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
 @torch.no_grad()
 def predict_probs(
     model: nn.Module, x: torch.Tensor, batch_size: int, mc_samples: int = 0, select=None, sample_drop_path: bool = False,
-    plan: MCPlan | None = None,
+    plan: MCPlan | None = None, class_dim: int = 1,
 ) -> tuple[torch.Tensor, float]:
-    """Class probabilities of ``model`` on prepared inputs, and the seconds the pass took.
+    """Class probabilities of ``model`` on prepared inputs, as rows (see :func:`as_rows`), and
+    the seconds the pass took.
 
     ``mc_samples=0`` runs the model deterministically (standard dropout); ``m > 0`` averages the
     softmax of ``m`` masked passes (MC dropout), stacked into batches of about ``MC_ROWS`` rows.
     ``plan`` is the model's :class:`ddtool.dropout.MCPlan`, if it is known already.
     """
-    probs = []
+    probs, to_probs = [], functools.partial(probabilities, dim=class_dim)
     sampler = MCSampler(model, x[:2], select=select, sample_drop_path=sample_drop_path, plan=plan) if mc_samples else None
     start = time.perf_counter()
     with deterministic(model):
         for chunk in x.split(batch_size):
             if sampler:
-                probs.append(sampler.mean(chunk, mc_samples, probabilities, rows=MC_ROWS))
+                probs.append(sampler.mean(chunk, mc_samples, to_probs, rows=MC_ROWS))
             else:
-                probs.append(probabilities(select_output(model(chunk), select)))
-    return torch.cat(probs), time.perf_counter() - start
+                probs.append(to_probs(select_output(model(chunk), select)))
+    return as_rows(torch.cat(probs), class_dim), time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -159,6 +169,15 @@ def _summarise(method: str, runs: list[dict], params: int, passes: int) -> Metho
 
 
 # --------------------------------------------------------------------------- the comparison
+def _standard_runs(models: dict[str, nn.Module], x, batch_size, select, class_dim, timing) -> tuple[dict, dict]:
+    """Each deterministic model's probabilities, and its throughput and latency."""
+    probs, runs = {}, {}
+    for name, model in models.items():
+        probs[name], seconds = predict_probs(model, x, batch_size, select=select, class_dim=class_dim)
+        runs[name] = [{"throughput": len(x) / seconds, "latency_ms": latency_ms(model, x, select=select) if timing else None}]
+    return probs, runs
+
+
 def evaluate(
     teacher: nn.Module,
     inputs: Inputs,
@@ -171,39 +190,39 @@ def evaluate(
     sample_drop_path: bool = False,
     repeats: int = 1,
     timing: bool = True,
+    class_dim: int = 1,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 
     ``select`` picks the prediction among the models' outputs (default: logits / first tensor).
-    ``timing=False`` skips the batch-1 latency runs (for quick checks).
+    ``class_dim`` is its class axis: an output with more positions per input (segmentation,
+    tagging) is compared with MC position by position, and its labels, which are per input,
+    are not used. ``timing=False`` skips the batch-1 latency runs (for quick checks).
     """
     x = preprocess.prepare(inputs.x)
     models = {"standard": teacher, **(distilled or {})}
     for model in models.values():
         probe(model, x[:2], select)
     plan = check_dropout(teacher, x[:2], sample_drop_path, select)
-    labels = inputs.labels
-    runs: dict[str, list[dict]] = {name: [] for name in [*models, "mc"]}
-    deterministic_probs = {}
     with fast_layout(list(models.values()), x) as x:
-        for name, model in models.items():
-            probs, seconds = predict_probs(model, x, batch_size, select=select)
-            deterministic_probs[name] = probs
-            runs[name].append({"throughput": len(x) / seconds,
-                               "latency_ms": latency_ms(model, x, select=select) if timing else None})
+        standard, runs = _standard_runs(models, x, batch_size, select, class_dim, timing)
+        positions = len(standard["standard"]) // len(x)
+        labels = inputs.labels if positions == 1 else None
+        runs["mc"] = []
         for r in range(repeats):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + r)
-                mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path, plan)
+                mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path, plan, class_dim)
                 mc_latency = latency_ms(teacher, x, mc_samples, select, 10, sample_drop_path, plan) if timing and r == 0 else None
             runs["mc"].append({**metrics(mc, None, labels), "throughput": len(x) / seconds, "latency_ms": mc_latency})
-            for name, probs in deterministic_probs.items():
+            for name, probs in standard.items():
                 entry = metrics(probs, mc, labels)
                 if r == 0:
                     runs[name][0].update(entry)
                 else:
                     runs[name].append(entry)
-    report = EvalReport(inputs=len(x), labelled=labels is not None, mc_samples=mc_samples, repeats=repeats)
+    report = EvalReport(inputs=len(x), labelled=labels is not None, mc_samples=mc_samples, repeats=repeats,
+                        positions=positions)
     count = {name: count_parameters(m) for name, m in models.items()}
     report.results.append(_summarise("standard", runs["standard"], count["standard"], 1))
     report.results.append(_summarise(f"mc-{mc_samples}", runs["mc"], count["standard"], mc_samples))

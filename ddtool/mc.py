@@ -39,9 +39,10 @@ def _stack(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
 
 
-def probabilities(out: torch.Tensor) -> torch.Tensor:
-    """Class probabilities of (N, C, ...) logits: the space a classifier's ensemble is averaged in."""
-    return F.softmax(out.float(), dim=1)
+def probabilities(out: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Class probabilities of logits whose class axis is ``dim``: the space a classifier's
+    ensemble is averaged in."""
+    return F.softmax(out.float(), dim=dim)
 
 
 class MCSampler:

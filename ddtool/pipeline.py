@@ -193,12 +193,13 @@ def evaluate_folder(
     arch: str | None = None, arch_args: dict | None = None, mc_samples: int = 100, repeats: int = 1,
     batch_size: int = 256, timing: bool = True, seed: int = 0, select: str | int | None = None,
     sample_drop_path: bool = False, trust: bool = False, plot_to: PathLike | None = None, force: bool = False,
-    **preprocess,
+    class_dim: int | None = None, **preprocess,
 ) -> EvalReport:
     """Compare the checkpoint's standard and MC dropout with each ``distilled`` model on the
     folder ``data``: what ``ddtool evaluate`` does. A distilled model is named after its folder;
-    the preprocessing is the one the distilled bundles recorded (``preprocess`` overrides it).
-    ``plot_to`` also writes the PNG of :func:`ddtool.evaluation.plot`."""
+    the preprocessing and the class axis are the ones the distilled bundles recorded
+    (``preprocess`` and ``class_dim`` override them). ``plot_to`` also writes the PNG of
+    :func:`ddtool.evaluation.plot`."""
     if mc_samples < 1 or batch_size < 1 or repeats < 1:
         raise UsageError("--mc-samples, --batch-size and --repeats must be at least 1")
     if plot_to is not None:
@@ -210,9 +211,12 @@ def evaluate_folder(
         students[name if name not in students else str(path)] = load_model(path, arch=arch, arch_args=arch_args, trust=trust)
     recorded = next((s.preprocess for s in students.values() if s.preprocess), None)
     pre = _preprocess(teacher, recorded, **preprocess)
+    if class_dim is None:
+        settings = [(s.provenance or {}).get("settings") or {} for s in students.values()]
+        class_dim = next((d["class_dim"] for d in settings if "class_dim" in d), 1)
     report = evaluate(teacher.model, read_folder(data, pre), pre, {k: v.model for k, v in students.items()},
                       mc_samples=mc_samples, batch_size=batch_size, seed=seed, select=select,
-                      sample_drop_path=sample_drop_path, repeats=repeats, timing=timing)
+                      sample_drop_path=sample_drop_path, repeats=repeats, timing=timing, class_dim=class_dim)
     if plot_to is not None:
         plot(report, plot_to, force=force)
     return report

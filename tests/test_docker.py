@@ -49,6 +49,7 @@ def test_image_rules():
     assert pins and all(re.fullmatch(r"[\w.-]+==[\w.]+", l) for l in pins), "every requirement pinned"
 
 
+@pytest.mark.slow
 def test_image_install_steps_in_a_fresh_venv(tmp_path):
     """What `docker build` runs, then the entrypoint's --help and a tiny distill (about a minute)."""
     venv = tmp_path / "venv"

@@ -2,13 +2,17 @@
 
 import copy
 import math
+import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import tiny_arch
 from ddtool.data import Inputs, Preprocess
 from ddtool.evaluation import calibration, evaluate, kl_divergence, plot, predict_probs
+from ddtool.mc import MC_ROWS, MCSampler
 
 
 def test_kl_divergence_matches_definition():
@@ -19,23 +23,51 @@ def test_kl_divergence_matches_definition():
     assert kl_divergence(p, p).abs().max() < 1e-6
 
 
-def test_report_rows_and_metrics(tiny_model):
-    x = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).eval()
+
+
+def test_report_rows_and_metrics():
+    """Every metric of the report against its definition, recomputed here from the same
+    predictions (MC ones drawn again under the same seed)."""
+    model, x = _mlp(), torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(30) % 3
     inputs = Inputs(x=x, paths=[None] * 30, labels=labels, classes=["a", "b", "c"])
-    twin = copy.deepcopy(tiny_model)
-    report = evaluate(tiny_model, inputs, Preprocess(), {"twin": twin}, mc_samples=20, batch_size=7)
+    twin = copy.deepcopy(model)
+    report = evaluate(model, inputs, Preprocess(), {"twin": twin}, mc_samples=20, batch_size=7, seed=4)
     std, mc, twin_row = report.results
     assert [r.method for r in report.results] == ["standard", "mc-20", "twin"]
-    probs = predict_probs(tiny_model, x, 30)[0]
+    probs = predict_probs(model, x, 30)[0]
+    torch.manual_seed(4)
+    mc_probs = predict_probs(model, x, 7, mc_samples=20)[0]
     assert std.error == (probs.argmax(1) != labels).float().mean().item()
     assert std.nll == pytest.approx(-probs[torch.arange(30), labels].log().mean().item(), rel=1e-5)
+    assert std.kl_to_mc == pytest.approx(kl_divergence(mc_probs, probs).mean().item(), rel=1e-5)
+    assert std.agreement == (probs.argmax(1) == mc_probs.argmax(1)).float().mean().item()
+    assert mc.error == (mc_probs.argmax(1) != labels).float().mean().item()
     # a copy of the teacher predicts exactly like standard dropout
     assert twin_row.error == std.error and abs(twin_row.kl_to_mc - std.kl_to_mc) < 1e-6
     assert mc.kl_to_mc is None and mc.forward_passes == 20 and std.forward_passes == 1
-    assert std.kl_to_mc > 0 and 0 <= std.agreement <= 1 and 0 <= std.ece <= 1
-    assert std.latency_ms > 0 and mc.latency_ms > 0 and std.throughput > mc.throughput
-    assert std.parameters == twin_row.parameters == sum(p.numel() for p in tiny_model.parameters())
+    assert std.latency_ms > 0 and mc.latency_ms > 0
+    assert std.parameters == twin_row.parameters == 64 * 32 + 32 + 32 * 3 + 3
+
+
+def test_mc_dropout_costs_m_forward_passes_per_input_and_standard_one():
+    """The cost the report states (forward_passes), counted: rows through the last layer."""
+    model, x = _mlp(), torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    rows = []
+    hook = model[-1].register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
+    try:
+        predict_probs(model, x, 7)
+        standard = sum(rows)
+        sampler = MCSampler(model, x[:2])
+        rows.clear()  # (building the sampler runs the model on two inputs)
+        sampler.mean(x, 20, rows=MC_ROWS)
+        mc = sum(rows)
+    finally:
+        hook.remove()
+    assert (standard, mc) == (30, 20 * 30)
 
 
 def test_unlabelled_report_has_no_error(tiny_model):
@@ -68,12 +100,33 @@ def test_calibration_of_a_perfectly_calibrated_table():
     assert ece == pytest.approx(0.75)
 
 
-def test_repeats_give_spread_and_plot(tmp_path, tiny_model):
-    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    inputs = Inputs(x=x, paths=[None] * 20, labels=torch.arange(20) % 3)
-    report = evaluate(tiny_model, inputs, Preprocess(), mc_samples=3, repeats=3, timing=False)
+def test_repeats_give_mean_and_spread_over_seeds_and_plot(tmp_path):
+    model, x = _mlp(), torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(20) % 3
+    report = evaluate(model, Inputs(x=x, paths=[None] * 20, labels=labels), Preprocess(), mc_samples=3, repeats=3,
+                      timing=False, seed=7)
+    errors = []
+    for r in range(3):  # repeat r draws its masks from seed + r
+        torch.manual_seed(7 + r)
+        errors.append((predict_probs(model, x, 256, mc_samples=3)[0].argmax(1) != labels).float().mean().item())
     mc = report.results[1]
-    assert report.repeats == 3 and "error" in mc.std and mc.std["error"] >= 0
+    assert report.repeats == 3
+    assert mc.error == pytest.approx(statistics.fmean(errors)) and mc.std["error"] == pytest.approx(statistics.stdev(errors))
     assert report.results[0].std["error"] == 0.0  # standard dropout does not depend on the seed
     plot(report, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_position_outputs_are_compared_with_mc_position_by_position():
+    """A tagger's (N, 8, 3) output with class_dim=2: probabilities along that axis, 8 rows per
+    input compared with MC, the per-input labels left out."""
+    torch.manual_seed(0)
+    model, x = tiny_arch.tagger().eval(), torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    inputs = Inputs(x=x, paths=[None] * 6, labels=torch.arange(6) % 3)
+    report = evaluate(model, inputs, Preprocess(), mc_samples=10, timing=False, class_dim=2, seed=1)
+    std = report.results[0]
+    probs = F.softmax(model(x), dim=2).reshape(-1, 3)
+    torch.manual_seed(1)
+    mc = predict_probs(model, x, 256, mc_samples=10, class_dim=2)[0]
+    assert mc.shape == (48, 3) and report.positions == 8 and not report.labelled and std.error is None
+    assert std.kl_to_mc == pytest.approx(kl_divergence(mc, probs).mean().item(), rel=1e-5)

@@ -4,9 +4,11 @@ import csv
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from conftest import ARCH
+import tiny_arch
+from conftest import ARCH, write_images
 from ddtool.cli import app
 
 runner = CliRunner()
@@ -16,13 +18,29 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture
-def distilled(tmp_path, tiny_ckpt, unlabelled):
-    out = tmp_path / "d"
-    result = run("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", out, "--epochs", 1,
-                 "--classes", "cat,dog,eel", "--export", "onnx,torchscript,pt2", "--mean", "0.5", "--std", "0.25")
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One distillation with every export, shared by the tests here: (its folder, the images)."""
+    root = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    torch.save(tiny_arch.tiny().state_dict(), root / "teacher.pt")
+    write_images(root / "unlabelled", 48)
+    out = root / "d"
+    result = run("distill", root / "teacher.pt", "--arch", ARCH, "--data", root / "unlabelled", "--out", out,
+                 "--epochs", 1, "--classes", "cat,dog,eel", "--export", "onnx,torchscript,pt2", "--mean", "0.5",
+                 "--std", "0.25")
     assert result.exit_code == 0, result.output
-    return out
+    return out, root / "unlabelled"
+
+
+@pytest.fixture
+def distilled(served):
+    return served[0]
+
+
+@pytest.fixture
+def unlabelled(served):
+    return served[1]
 
 
 def test_one_command_distills_exports_and_verifies(distilled):
@@ -63,3 +81,12 @@ def test_predict_errors(tmp_path, distilled, unlabelled):
     junk.write_bytes(b"\x08\x07garbage")
     bad = run("predict", junk, "--data", unlabelled)
     assert bad.exit_code == 3 and "onnxruntime could not open" in bad.stderr
+
+
+def test_top_k_above_the_class_count_reports_every_class_once(distilled, unlabelled):
+    doc = json.loads(run("predict", distilled / "model.onnx", "--data", unlabelled, "--json", "--top-k", 10).stdout)
+    for row in doc["predictions"]:
+        assert sorted(t["class"] for t in row["top"]) == ["cat", "dog", "eel"]
+        probabilities = [t["probability"] for t in row["top"]]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1, abs=1e-4)
+    assert run("predict", distilled / "model.onnx", "--data", unlabelled, "--top-k", 0).exit_code == 2

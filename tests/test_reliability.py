@@ -241,6 +241,7 @@ def _without_root_powers(cmd: list[str], cwd: Path) -> subprocess.CompletedProce
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint(world):
     before = _hashes(world.inp)
     world.ckpt.chmod(0o000)
@@ -252,6 +253,7 @@ def test_unreadable_checkpoint(world):
     assert _hashes(world.inp) == before and not world.out.exists()
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder(world):
     locked = world.root / "locked"
     locked.mkdir()
@@ -284,6 +286,7 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
     pytest.fail(f"never saw {text!r}: {seen}")
 
 
+@pytest.mark.slow
 def test_sigint_writes_a_resumable_checkpoint_and_resume_finishes(world):
     args = distill_args(world)[:-2] + ["--epochs", 200, "--batch-size", 4]
     proc = _start(args, world.root)
@@ -316,6 +319,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(world):
     script = world.root / "slow_writer.py"
     script.write_text(SLOW_WRITER)

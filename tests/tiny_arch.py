@@ -30,3 +30,34 @@ def narrow(classes: int = 3) -> nn.Sequential:
         nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(6 * 4 * 4, 4), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4, classes),
     )
+
+
+class Functional(nn.Module):
+    """Dropout written as a function call, gated by self.training: found only by running the model."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Linear(6 * 8 * 8, classes)
+
+    def forward(self, x):
+        return self.fc(nn.functional.dropout(self.conv(x).relu(), 0.5, self.training).flatten(1))
+
+
+def functional(classes: int = 3) -> nn.Module:
+    return Functional(classes)
+
+
+class Tagger(nn.Module):
+    """One prediction per image row: (N, 8 rows, classes) outputs, the class axis 2."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv, self.drop, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Dropout(0.5), nn.Linear(6 * 8, classes)
+
+    def forward(self, x):
+        h = self.drop(self.conv(x).relu())  # (N, 6, 8, 8)
+        return self.fc(h.permute(0, 2, 1, 3).flatten(2))  # (N, 8, classes)
+
+
+def tagger(classes: int = 3) -> nn.Module:
+    return Tagger(classes)
