@@ -108,7 +108,10 @@ work=$tmp/work
 mkdir -p "$work/out"
 cp -R "$root/samples" "$work/samples"
 [ "$(id -u)" != 0 ] || chown -R "$user" "$work"
-ddtool() { "$engine" run --rm --network none --user "$user" --volume "$work:/work:Z" "$image" "$@"; }
+# Rootless podman maps container uids to subordinate ones; keep-id maps the user to itself.
+userns=
+if [ "$engine" = podman ] && [ "$(podman info --format '{{.Host.Security.Rootless}}')" = true ]; then userns=--userns=keep-id; fi
+ddtool() { "$engine" run --rm --network none --user "$user" ${userns:+"$userns"} --volume "$work:/work:Z" "$image" "$@"; }
 sample="samples/fmnist_quick.pt --arch samples/quick.py:quick"
 start=$(date +%s)
 # shellcheck disable=SC2086  # $sample is two options
