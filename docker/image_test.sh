@@ -58,11 +58,13 @@ if [ "$engine" = podman ]; then
             mirror=$(apt-get indextargets --format '$(RELEASE) $(REPO_URI)' 2>/dev/null | awk -v r="$release" '$1 == r {print $2; exit}')
             [ -n "$mirror" ] || die "cannot pull $base, and apt knows no mirror of Debian $release to make a local one"
             say "cannot pull $base: making $local_base with debootstrap from $mirror"
+            start=$(date +%s)
             debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$release" "$tmp/rootfs" "$mirror" \
                 >"$tmp/debootstrap.log" 2>&1 || { tail -n 20 "$tmp/debootstrap.log" >&2; die "debootstrap failed"; }
             rm -rf "$tmp"/rootfs/var/cache/apt/archives/*.deb "$tmp"/rootfs/var/cache/apt/*.bin "$tmp"/rootfs/var/lib/apt/lists/*
             tar -C "$tmp/rootfs" -c . | podman import -q - "$local_base" >/dev/null
             rm -rf "$tmp/rootfs"
+            say "made $local_base in $(( $(date +%s) - start ))s"
         fi
         base=$local_base
     fi
