@@ -11,12 +11,14 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# Dependencies first: a change to ddtool's code rebuilds only the second, small layer.
+COPY docker/install.sh docker/requirements.txt ./docker/
+RUN TORCH_INDEX_URL="$TORCH_INDEX_URL" TORCH_VERSION="$TORCH_VERSION" sh docker/install.sh /opt/venv deps
 COPY pyproject.toml README.md ./
 COPY ddtool ./ddtool
-COPY docker ./docker
-RUN TORCH_INDEX_URL="$TORCH_INDEX_URL" TORCH_VERSION="$TORCH_VERSION" sh docker/install.sh /opt/venv
+RUN sh docker/install.sh /opt/venv ddtool
 
-# The final stage: the venv and nothing that built it (no compilers, no pip cache, no sources).
+# The final stage: the venv and nothing that built it (no compilers, no pip, no caches, no sources).
 FROM ${PYTHON_IMAGE}
 RUN groupadd --gid 10001 ddtool && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin ddtool
 COPY --from=build /opt/venv /opt/venv

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ddtool-installed
 DEMO   ?= build/demo
 SAMPLE := samples/fmnist_quick.pt --arch samples/quick.py:quick
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo image-test clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 	$(DDTOOL) distill $(SAMPLE) --data samples/unlabelled --out $(DEMO)/distilled --classes samples/classes.txt --force
 	$(DDTOOL) export $(DEMO)/distilled --format onnx --out $(DEMO)/distilled.onnx --force
 	$(DDTOOL) evaluate $(SAMPLE) --data samples/eval --distilled $(DEMO)/distilled
+
+# The Docker image built and run for real: docker when an engine answers, else podman (see the script).
+image-test:
+	sh docker/image_test.sh
 
 clean:
 	rm -rf $(DEMO) build .pytest_cache

@@ -1,5 +1,6 @@
 """The Docker image without a Docker engine: lint every Dockerfile, check the rules the image
-keeps, and run the image's own install steps (docker/install.sh) in a fresh venv."""
+keeps, run the image's own install steps (docker/install.sh) in a fresh venv, and keep the
+README's CI example the workflow's own job. `make image-test` builds and runs the image itself."""
 
 import os
 import re
@@ -60,6 +61,10 @@ def test_image_install_steps_in_a_fresh_venv(tmp_path):
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     ddtool = venv / "bin" / "ddtool"
     assert subprocess.run([str(ddtool), "--help"], capture_output=True, text=True, env=env).returncode == 0
+    # The trim: no pip, no torch headers, no test folders left in the venv.
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import pip"], capture_output=True).returncode != 0
+    site = next(venv.glob("lib/python3*/site-packages"))
+    assert not (site / "torch" / "include").exists() and not any(site.rglob("tests"))
 
     import tiny_arch
 
@@ -72,3 +77,14 @@ def test_image_install_steps_in_a_fresh_venv(tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "out" / "model.pt").is_file() and (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_readme_ci_example_is_the_workflows_job():
+    """The README shows the `distill` job of .github/workflows/ci.yml, character for character."""
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```yaml\njobs:\n(.*?)```", readme, re.S)
+    assert example, "the README has a GitHub Actions example"
+    workflow = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    assert example.group(1).startswith("  distill:\n") and example.group(1) in workflow
+    for command in ("make test", "make image-test", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu"):
+        assert command in workflow, command
