@@ -7,8 +7,11 @@ Tables and ``--json`` documents go to stdout, progress and warnings to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__, parallel
+from . import __version__, limits, parallel
 from .checkpoint import BUNDLE_NAME, load_model, parse_arch_args, save_bundle
 from .compress import parse_shrink, shrunk_student, student_from_arch
 from .data import example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
@@ -30,42 +33,93 @@ from .errors import EXIT_INTERRUPTED, DDToolError, OutputError, UsageError
 from .evaluate import evaluate as run_evaluate, plot as plot_report
 from .export import FORMATS, SUFFIXES, export_loaded
 from .predict import load_predictor, parse_classes, predict as run_predict, write_predictions
-from .files import check_output, write_text
+from .files import Outputs, check_output, check_output_folder, folder_lock, protect_inputs, release_inputs
+
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line without terminal control sequences (colours, cursor moves, newlines)."""
+    return " ".join(_CONTROL.sub(" ", str(text)).split())
+
+
+class PlainErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option, a value out of range, a missing argument) as one
+    ``error:`` line on stderr with exit code 2, like every other error, instead of a coloured box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as err:  # click's own exceptions (typer vendors click: matched by their methods)
+            if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+                raise
+            command = getattr(getattr(err, "ctx", None), "command_path", None) or "ddtool"
+            print(f"error: {one_line(err.format_message())} (see '{command} --help')", file=sys.stderr)
+            if standalone_mode:
+                sys.exit(err.exit_code)
+            raise
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
 
 app = typer.Typer(
     help="Distill a network trained with dropout into a deterministic one that predicts like its MC-dropout ensemble.",
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=PlainErrors,
 )
 # Piped output (CI logs, files) gets wide tables rather than rich's 80-column default.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 _debug = False
+_scope = contextlib.ExitStack()  # what a command holds until it ends (the lock of its output folder)
+
+
+def _floats_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """A typer callback: the value is a finite number in [lo, hi] (open ends as asked)."""
+    def check(value):
+        if value is None:
+            return value
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise typer.BadParameter(f"{value} is not a finite number in {'(' if lo_open else '['}{lo:g}, "
+                                     f"{hi:g}{')' if hi_open else ']'}")
+        return value
+    return check
+
+
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 1_000_000
 
 # ----------------------------------------------------------------------------- shared options
 Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint: state dict (+ --arch), TorchScript archive, or ddtool bundle / distill --out folder.", show_default=False, readable=False)]
 Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state dict: path/to/file.py:factory or package.module:factory.")]
 ArchArgs = Annotated[Optional[str], typer.Option("--arch-args", help="Keyword arguments for the --arch factory, as a JSON object.")]
 Data = Annotated[Path, typer.Option("--data", help="Folder of inputs (images, searched recursively; class subfolders = labels).", show_default=False, readable=False)]
-Channels = Annotated[Optional[int], typer.Option("--channels", help="Input channels: 1 (grayscale) or 3 (RGB). Default: the bundle's, else the first conv's.")]
+Channels = Annotated[Optional[int], typer.Option("--channels", min=1, max=3, help="Input channels: 1 (grayscale) or 3 (RGB). Default: the bundle's, else the first conv's.")]
 Size = Annotated[Optional[str], typer.Option("--size", help="Resize inputs to H,W. Default: the bundle's, else each image's own size.")]
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted from [0,1] pixels, comma-separated. Default: bundle's, else 0.")]
 Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std dividing [0,1] pixels, comma-separated. Default: bundle's, else 1.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace outputs that already exist.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for dropout masks, data order and perturbations.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for dropout masks, data order and perturbations.")]
 Trust = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickled full module (torch.save(model)); this runs code from the file.")]
 SampleDropPath = Annotated[bool, typer.Option("--sample-drop-path/--no-sample-drop-path", help="Also sample DropPath / stochastic depth in MC mode (default: off, reported only).")]
 Output = Annotated[Optional[str], typer.Option("--output", help="Which model output is the prediction: a name or an index. Default: logits, else the first tensor.")]
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W (or any comma-separated dims).")]
+FollowOutside = Annotated[bool, typer.Option("--follow-outside", help="Follow symlinks in --data that lead outside it (default: reported and skipped).")]
+Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and abs(v) <= 1e6 for v in values):
+        raise UsageError(f"{name} must be finite numbers (at most 1e6 in size), got {text!r}")
+    return values
 
 
 def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | None:
@@ -76,10 +130,36 @@ def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | N
         values = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         values = ()
-    if not values or (count and len(values) != count) or min(values) < 1:
-        what = f"{count} positive integers" if count else "positive integers"
+    if not values or (count and len(values) != count) or min(values) < 1 or len(values) > 8:
+        what = f"{count} positive integers" if count else "positive integers (at most 8)"
         raise UsageError(f"{name} must be {what} separated by commas, got {text!r}")
+    limits.require(4 * math.prod(values), f"{name} {text}: one input", "give a smaller shape")
     return values
+
+
+def _arch_file(spec: str | None) -> Path | None:
+    """The file an ``--arch file.py:factory`` names (an input like any other), if it is one."""
+    target = (spec or "").rpartition(":")[0]
+    return Path(target) if target.endswith(".py") or "/" in target else None
+
+
+def _classes_file(text: str | None) -> Path | None:
+    return Path(text) if text and Path(text).is_file() else None
+
+
+def _json_safe(obj):
+    """``obj`` with NaN and infinities as null: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _unused(entries) -> list[dict]:
+    return [u.as_dict() for u in entries]
 
 
 def _load(checkpoint: Path, arch: str | None, arch_args: str | None, trust: bool = False):
@@ -92,7 +172,7 @@ def _preprocess(loaded, channels, size, mean, std):
 
 
 def _emit_json(doc: dict) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.write(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -105,11 +185,12 @@ def handles_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _scope:
+                return fn(*args, **kwargs)
         except DDToolError as err:
             if _debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
@@ -119,10 +200,21 @@ def handles_errors(fn):
         except Exception as err:  # noqa: BLE001 - a bug in ddtool, not the user's doing
             if _debug:
                 raise
-            print(f"error: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+            if _out_of_memory(err):
+                print(f"error: out of memory ({one_line(err)[:120]}); lower --batch-size, --teacher-samples or --size",
+                      file=sys.stderr)
+                raise typer.Exit(UsageError.exit_code) from None
+            print(f"error: internal error: {type(err).__name__}: {one_line(err)} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
             raise typer.Exit(1) from None
+        finally:
+            release_inputs()
 
     return wrapper
+
+
+def _out_of_memory(err: Exception) -> bool:
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def _version(value: bool) -> None:
@@ -142,10 +234,10 @@ def main_options(
 
 
 # ----------------------------------------------------------------------------- inspect
-def _example(loaded, input_shape, data, pre):
+def _example(loaded, input_shape, data, pre, follow_outside=False):
     """An input to run the model on once: from --data, --input-shape, the format, or the bundle."""
     if data is not None:
-        return pre.prepare(read_folder(data, pre, labelled=False, limit=2).x)
+        return pre.prepare(read_folder(data, pre, labelled=False, limit=2, follow_outside=follow_outside).x)
     shape = _ints(input_shape, "--input-shape", None)
     if shape:
         return example_input(shape)
@@ -163,11 +255,13 @@ def inspect(
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     as_json: Json = False,
 ) -> None:
     """List every dropout site (name, kind, p, how it was found, calls per forward pass)."""
+    protect_inputs(checkpoint, data, _arch_file(arch))
     loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
-    example = _example(loaded, input_shape, data, _preprocess(loaded, channels, size, mean, std))
+    example = _example(loaded, input_shape, data, _preprocess(loaded, channels, size, mean, std), follow_outside)
     sites = find_dropout(loaded.model, example, sample_drop_path)
     params = _count(loaded.model)
     if as_json:
@@ -237,38 +331,41 @@ def distill(
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="A smaller student network (file.py:factory); tensors matching the teacher's are copied in.")] = None,
     student_arch_args: Annotated[Optional[str], typer.Option("--student-arch-args", help="Keyword arguments for --student-arch, as a JSON object.")] = None,
     shrink: Annotated[Optional[list[str]], typer.Option("--shrink", help="LAYER=FRACTION: keep the strongest units of a Linear/Conv layer and slice the next; repeatable.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
-    lr: Annotated[float, typer.Option(help="Base learning rate.")] = DistillConfig.lr,
-    lr_drop_epoch: Annotated[int, typer.Option(help="Epoch from which the rate is lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
+    epochs: Annotated[int, typer.Option(min=1, max=100_000, help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
+    lr: Annotated[float, typer.Option(callback=_floats_in(0, 10, lo_open=True), help="Base learning rate, in (0, 10].")] = DistillConfig.lr,
+    lr_drop_epoch: Annotated[int, typer.Option(min=0, max=100_000, help="Epoch from which the rate is lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
     optimizer: Annotated[str, typer.Option(help="sgd (with momentum, the paper's) or adam.")] = DistillConfig.optimizer,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = DistillConfig.momentum,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = DistillConfig.weight_decay,
-    batch_size: Annotated[int, typer.Option(help="Inputs per step.")] = DistillConfig.batch_size,
-    teacher_samples: Annotated[int, typer.Option(help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
+    momentum: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="SGD momentum, in [0, 1).")] = DistillConfig.momentum,
+    weight_decay: Annotated[float, typer.Option(callback=_floats_in(0, 10), help="L2 weight decay, in [0, 10].")] = DistillConfig.weight_decay,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Inputs per step.")] = DistillConfig.batch_size,
+    teacher_samples: Annotated[int, typer.Option(min=1, max=10_000, help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
     loss: Annotated[str, typer.Option(help="kl (classifiers) or mse (regression outputs).")] = DistillConfig.loss,
-    class_dim: Annotated[int, typer.Option(help="Class axis of the output; KL is taken per position along it.")] = DistillConfig.class_dim,
-    perturb: Annotated[float, typer.Option(help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
+    class_dim: Annotated[int, typer.Option(min=-8, max=8, help="Class axis of the output; KL is taken per position along it.")] = DistillConfig.class_dim,
+    perturb: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
     flip: Annotated[str, typer.Option(help="Random image flips: '' (none), h, v or hv.")] = DistillConfig.flip,
-    val_fraction: Annotated[float, typer.Option(help="Share of inputs held out to measure fidelity (KL to MC) each epoch; 0 = none.")] = DistillConfig.val_fraction,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
+    val_fraction: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Share of inputs held out to measure fidelity (KL to MC) each epoch; 0 = none.")] = DistillConfig.val_fraction,
+    patience: Annotated[int, typer.Option(min=0, max=100_000, help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
     seed: Seed = DistillConfig.seed,
     output: Output = None,
     sample_drop_path: SampleDropPath = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")] = DistillConfig.device,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the teacher and student (slow to start).")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
-    cache_mb: Annotated[float, typer.Option(help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
+    workers: Annotated[Optional[int], typer.Option(min=0, max=64, help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
+    cache_mb: Annotated[float, typer.Option(callback=_floats_in(0, 1e9), help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
     export_formats: Annotated[Optional[str], typer.Option("--export", help="Also export and verify: onnx, torchscript, pt2, comma-separated (OUT/model.onnx, ...).")] = None,
     classes: Classes = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
     OUT/resume.pt and exits with 130 (143); --resume continues. Data-parallel on N processes or GPUs:
     torchrun --nproc-per-node N -m ddtool distill ... (--batch-size is then the global batch)."""
+    protect_inputs(checkpoint, data, _arch_file(arch), _arch_file(student_arch), _classes_file(classes))
+    check_output_folder(out_dir)
     bundle_path = check_output(out_dir / BUNDLE_NAME, force)
     history_path = check_output(out_dir / "history.json", force)
     formats = _parse_formats(export_formats) if export_formats else []
@@ -285,10 +382,13 @@ def distill(
         class_dim=class_dim, perturb=perturb, flip=flip, val_fraction=val_fraction, patience=patience, seed=seed,
         output=parse_select(output), sample_drop_path=sample_drop_path, device=device, compile=compile_model)
     fractions = parse_shrink(shrink)
+    world = parallel.from_environment()  # set by torchrun; one process otherwise
+    if world.main:
+        _scope.enter_context(folder_lock(out_dir))  # a second run on the same --out refuses here
     loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
     pre = _preprocess(loaded, channels, size, mean, std)
     train, val = open_distill_data(data, pre, val_fraction, seed, cache_mb, workers,
-                                   pin_memory=resolve_device(device).type == "cuda")
+                                   pin_memory=resolve_device(device).type == "cuda", follow_outside=follow_outside)
     student, arch_ref, compression = None, loaded.arch_ref, {}
     if fractions:
         student, arch_ref = shrunk_student(loaded.model, loaded.arch_ref, fractions)
@@ -297,12 +397,14 @@ def distill(
         compression["tensors_from_teacher"] = copied
     if student is not None:
         compression.update(teacher_parameters=_count(loaded.model), student_parameters=_count(student))
+    limits.check_distill(loaded.model, student or loaded.model, pre.prepare(train.sample(2)),
+                         min(parallel.local_batch(world, batch_size), len(train)), teacher_samples, resolve_device(device))
 
-    world = parallel.from_environment()  # set by torchrun; one process otherwise
     progress = DistillProgress() if world.main else None
     try:
         result = run_distill(loaded.model, train, pre, config, progress, val=val, student=student,
-                             checkpoint=resume_path, resume=resume, teacher_sha256=loaded.sha256, world=world)
+                             checkpoint=resume_path, resume=resume, teacher_sha256=loaded.sha256, world=world,
+                             fingerprint={"architecture": _arch_fingerprint(arch_ref)}, keep_checkpoint=True)
     finally:
         if progress:
             progress.close()
@@ -312,19 +414,24 @@ def distill(
     provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256, "teacher_format": loaded.format,
                   "inputs": len(train), "held_out": 0 if val is None else len(val), "settings": config.as_dict(),
                   "best_epoch": result.best_epoch, **compression}
-    save_bundle(bundle_path, result.student, arch_ref=arch_ref, preprocess=pre.as_dict(), classes=class_names,
-                input_spec=input_spec(pre, next(train.batches(torch.arange(1), 1))), provenance=provenance, force=force)
-    write_text(history_path, json.dumps(result.history, indent=2) + "\n", force=force)
     summary = {"bundle": str(bundle_path), "inputs": len(train), "held_out": provenance["held_out"],
                "skipped": train.skipped, "best_epoch": result.best_epoch, "shared_prefix": result.shared_prefix,
-               **compression, "history": result.history, "exports": []}
-    if formats:  # from the bundle just written: what is exported is what was saved
-        bundle = load_model(bundle_path, trust=trust_checkpoint)
-        for fmt, path in zip(formats, export_paths):
-            exported = export_loaded(bundle, path, fmt, force=force, select=config.output)
-            summary["exports"].append(exported.as_dict())
-            if not as_json:
-                _print_export(exported)
+               **compression, "history": result.history, "exports": [], "unused": _unused(train.unused),
+               "notes": _unused(train.notes)}
+    exported = []
+    with Outputs(force) as outputs:  # all or nothing: the bundle, the history and every export
+        save_bundle(bundle_path, result.student, arch_ref=arch_ref, preprocess=pre.as_dict(), classes=class_names,
+                    input_spec=input_spec(pre, train.sample(1)), provenance=provenance, outputs=outputs)
+        outputs.write(history_path, (json.dumps(_json_safe(result.history), indent=2) + "\n").encode())
+        if formats:  # from the bundle as saved: what is exported is what was saved
+            bundle = load_model(outputs.path(bundle_path), arch=student_arch or arch, trust=trust_checkpoint)
+            exported = [export_loaded(bundle, path, fmt, select=config.output, outputs=outputs)
+                        for fmt, path in zip(formats, export_paths)]
+    resume_path.unlink(missing_ok=True)  # the results are in place: nothing left to resume
+    for result_of_export in exported:
+        summary["exports"].append(result_of_export.as_dict())
+        if not as_json:
+            _print_export(result_of_export)
     if as_json:
         _emit_json(summary)
     else:
@@ -339,6 +446,15 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _arch_fingerprint(ref: dict) -> str:
+    """The architecture as ``--resume`` compares it: the reference without archive bytes."""
+    def strip(r):
+        if isinstance(r, dict):
+            return {k: strip(v) for k, v in r.items() if k not in ("archive", "abs")}
+        return r if isinstance(r, (str, int, float, bool, type(None), list)) else str(type(r))
+    return json.dumps(strip(ref), sort_keys=True, default=str)
+
+
 # ----------------------------------------------------------------------------- evaluate
 @app.command()
 @handles_errors
@@ -348,22 +464,23 @@ def evaluate(
     distilled: Annotated[Optional[list[Path]], typer.Option("--distilled", help="A distilled model (bundle or distill --out folder) to compare; repeatable.")] = None,
     arch: Arch = None,
     arch_args: ArchArgs = None,
-    mc_samples: Annotated[int, typer.Option(help="m: masked forward passes averaged by MC dropout.")] = 100,
-    repeats: Annotated[int, typer.Option(help="Draw the MC reference this many times (new seed each) and report mean ± std.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass for the metrics and the throughput.")] = 256,
+    mc_samples: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="m: masked forward passes averaged by MC dropout.")] = 100,
+    repeats: Annotated[int, typer.Option(min=1, max=10_000, help="Draw the MC reference this many times (new seed each) and report mean ± std.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Inputs per forward pass for the metrics and the throughput.")] = 256,
     timing: Annotated[bool, typer.Option("--timing/--no-timing", help="Measure batch-1 latency (default: on).")] = True,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: error with error bars per method, and a reliability diagram.", readable=False)] = None,
     seed: Seed = 0,
     output: Output = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="The model's class names in output order (comma-separated or a file): class folders are matched to them by name. Default: a bundle's.")] = None,
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Compare standard dropout, MC dropout and distilled models on a folder: quality and cost."""
-    if mc_samples < 1 or batch_size < 1 or repeats < 1:
-        raise UsageError("--mc-samples, --batch-size and --repeats must be at least 1")
+    protect_inputs(checkpoint, data, *(distilled or []), _arch_file(arch), _classes_file(classes))
     if plot is not None:
         check_output(plot, force)
     teacher = _load(checkpoint, arch, arch_args, trust_checkpoint)
@@ -371,17 +488,18 @@ def evaluate(
     for path in distilled or []:
         name = path.parent.name if path.name == BUNDLE_NAME else path.name
         students[name if name not in students else str(path)] = _load(path, arch, arch_args, trust_checkpoint)
+    class_names = _model_classes(parse_classes(classes), [teacher, *students.values()])
     recorded = next((s.preprocess for s in students.values() if s.preprocess), teacher.preprocess)
     pre = resolve_preprocess(teacher.model, recorded, channels, _ints(size, "--size", 2),
                              _floats(mean, "--mean"), _floats(std, "--std"))
-    inputs = read_folder(data, pre)
+    inputs = read_folder(data, pre, follow_outside=follow_outside)
     report = run_evaluate(teacher.model, inputs, pre, {k: v.model for k, v in students.items()},
                           mc_samples=mc_samples, batch_size=batch_size, seed=seed, select=parse_select(output),
-                          sample_drop_path=sample_drop_path, repeats=repeats, timing=timing)
+                          sample_drop_path=sample_drop_path, repeats=repeats, timing=timing, classes=class_names)
     if plot is not None:
         plot_report(report, plot, force=force)
     if as_json:
-        _emit_json(report.as_dict())
+        _emit_json({**report.as_dict(), "unused": _unused(inputs.unused), "notes": _unused(inputs.notes)})
         return
     kind = "labelled" if report.labelled else "unlabelled"
     table = Table(title=f"{data}: {report.inputs} {kind} inputs, MC m={mc_samples}, {repeats} repeat(s)")
@@ -407,10 +525,22 @@ def evaluate(
     out.print(table)
 
 
+def _model_classes(given: list[str] | None, models) -> list[str] | None:
+    """The class names the models answer in: --classes, else those a bundle records (which must
+    agree with each other)."""
+    recorded = {tuple(m.classes) for m in models if m.classes}
+    if given:
+        return given
+    if len(recorded) > 1:
+        from .errors import DataError
+
+        raise DataError("the models record different class names; pass --classes to say which are right")
+    return list(next(iter(recorded))) if recorded else None
+
+
 # ----------------------------------------------------------------------------- export
 Probabilities = Annotated[bool, typer.Option("--probabilities", help="ONNX/TorchScript/pt2: add a softmax 'probabilities' output to the graph.")]
-Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
-Atol = Annotated[float, typer.Option(help="Largest absolute difference from PyTorch allowed in the parity check.")]
+Atol = Annotated[float, typer.Option(callback=_floats_in(0, 1e6), help="Largest absolute difference from PyTorch allowed in the parity check.")]
 
 
 def _parse_formats(text: str) -> list[str]:
@@ -431,7 +561,7 @@ def export(
     arch_args: ArchArgs = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W. Default: the bundle's.")] = None,
     atol: Atol = 1e-4,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset version. Default: the exporter's.")] = None,
+    opset: Annotated[Optional[int], typer.Option(min=7, max=100, help="ONNX opset version. Default: the exporter's.")] = None,
     external_data: Annotated[bool, typer.Option("--external-data", help="ONNX: keep the weights in FILE.data beside the graph (for models over 2 GB).")] = False,
     script: Annotated[bool, typer.Option("--script", help="TorchScript: torch.jit.script instead of tracing.")] = False,
     probabilities: Probabilities = False,
@@ -445,6 +575,7 @@ def export(
     fmt = _parse_formats(fmt)
     if len(fmt) != 1:
         raise UsageError("export writes one format per --out; run it once per format")
+    protect_inputs(model, _arch_file(arch), _classes_file(classes))
     check_output(out_file, force)
     loaded = _load(model, arch, arch_args, trust_checkpoint)
     result = export_loaded(loaded, out_file, fmt[0], input_shape=_ints(input_shape, "--input-shape", None),
@@ -469,33 +600,38 @@ def predict(
     model: Annotated[Path, typer.Argument(help="An exported .onnx (run in onnxruntime), TorchScript or .pt2 file, or any checkpoint ddtool reads.", show_default=False, readable=False)],
     data: Data,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write predictions to FILE.csv or FILE.json instead of printing them.", readable=False)] = None,
-    top_k: Annotated[int, typer.Option(help="Classes reported per input.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
+    top_k: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Classes reported per input.")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Inputs per forward pass.")] = 256,
     arch: Arch = None,
     arch_args: ArchArgs = None,
     classes: Classes = None,
     output: Output = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Predict the top-k classes of every input in a folder, with the model's own preprocessing."""
+    protect_inputs(model, data, _arch_file(arch), _classes_file(classes))
     if out_file is not None:
         check_output(out_file, force)
     predictor = load_predictor(model, arch, parse_arch_args(arch_args), trust_checkpoint, parse_select(output),
                                parse_classes(classes), channels=channels, size=_ints(size, "--size", 2),
                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
-    inputs = read_folder(data, predictor.preprocess, labelled=False)
+    inputs = read_folder(data, predictor.preprocess, labelled=False, follow_outside=follow_outside)
+    limits.require(min(batch_size, len(inputs)) * inputs.x[:1].numel() * 4, f"--batch-size {batch_size} inputs",
+                   "lower --batch-size")
     rows = run_predict(predictor, inputs, top_k, batch_size)
+    unused = {"unused": _unused(inputs.unused), "notes": _unused(inputs.notes)}
     if out_file is not None:
         write_predictions(rows, out_file, force)
         if as_json:
-            _emit_json({"predictions": str(out_file), "inputs": len(rows), "runtime": predictor.runtime})
+            _emit_json({"predictions": str(out_file), "inputs": len(rows), "runtime": predictor.runtime, **unused})
         else:
             out.print(f"wrote {len(rows)} predictions ({predictor.runtime}) to {out_file}")
     elif as_json:
-        _emit_json({"runtime": predictor.runtime, "predictions": rows})
+        _emit_json({"runtime": predictor.runtime, "predictions": rows, **unused})
     else:
         table = Table(title=f"{data}: {len(rows)} inputs, {predictor.runtime}")
         table.add_column("file", overflow="fold")

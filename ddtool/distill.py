@@ -44,7 +44,7 @@ from torch import nn
 from .data import Preprocess, UnlabelledSet, perturbation, split_positions
 from .dropout import FastMasks, deterministic, find_dropout, require_dropout, set_mc
 from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, ModelError, UsageError
-from .files import atomic_output
+from .files import to_bytes, write_bytes
 from .outputs import select_output
 from . import parallel
 from .parallel import SINGLE, World
@@ -335,20 +335,40 @@ def replace_k(config: DistillConfig, k: int) -> DistillConfig:
 
 
 def _save_state(path: Path, **state) -> None:
-    with atomic_output(path, force=True) as tmp:
-        torch.save({"ddtool_resume": 1, **state}, tmp)
+    # in memory first: torch.save raises RuntimeError, not OSError, on a full disk
+    write_bytes(path, to_bytes(lambda buffer: torch.save({"ddtool_resume": 1, **state}, buffer)), force=True)
 
 
-def load_resume_state(path: Path, config: DistillConfig) -> dict:
-    """The state of an interrupted run, checked against ``config``."""
+@torch.no_grad()
+def _require_finite_student(student: nn.Module, example: torch.Tensor, config: DistillConfig) -> None:
+    """A student with NaN or infinite weights, or outputs, is never returned (nor saved)."""
+    from .checkpoint import check_finite
+
+    try:
+        check_finite(student, "the distilled student")
+    except CheckpointError as err:
+        raise ModelError(f"{err}; lower --lr or --weight-decay") from None
+    if not torch.isfinite(probe(student, example, config.output)).all():
+        raise ModelError("the distilled student gives NaN or infinite outputs; lower --lr or --weight-decay")
+
+
+def load_resume_state(path: Path, config: DistillConfig, fingerprint: dict | None = None) -> dict:
+    """The state of an interrupted run, checked against ``config`` and against ``fingerprint``
+    (the teacher's hash, the inputs, the architecture: what makes it the same run)."""
     if not path.is_file():
         raise UsageError(f"--resume: no resumable checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint (unreadable: {str(err).splitlines()[0]})") from None
-    if not isinstance(state, dict) or state.get("ddtool_resume") != 1:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} is not a ddtool resumable checkpoint (unreadable: {first})") from None
+    if not isinstance(state, dict) or state.get("ddtool_resume") != 1 or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path} is not a ddtool resumable checkpoint")
+    for key, value in (fingerprint or {}).items():
+        if key in state.get("fingerprint", {}) and state["fingerprint"][key] != value:
+            verb = "differ" if key.endswith("s") else "differs"
+            raise UsageError(f"--resume: the {key} {verb} from the interrupted run's ({str(state['fingerprint'][key])[:40]} "
+                             f"then, {str(value)[:40]} now); continue with the same ones, or start over with --force")
     saved = state["config"]
     changed = [f.name for f in fields(DistillConfig)
                if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
@@ -373,6 +393,8 @@ def distill(
     resume: bool = False,
     teacher_sha256: str | None = None,
     world: World = SINGLE,
+    fingerprint: dict | None = None,
+    keep_checkpoint: bool = False,
 ) -> DistillResult:
     """Distill ``model`` (trained with dropout) into a deterministic student on the inputs ``data``.
 
@@ -386,6 +408,10 @@ def distill(
 
     Under torchrun, ``world`` (see ``ddtool.parallel``) makes this one of N data-parallel
     processes: ``config.batch_size`` is the global batch, and only rank 0 writes ``checkpoint``.
+
+    ``fingerprint`` (teacher hash, inputs, architecture) is saved with the resumable state and a
+    ``resume`` whose fingerprint differs is refused. ``keep_checkpoint`` leaves the state of the
+    finished run in place, for a caller that deletes it only once the results are safely written.
     """
     config = config or DistillConfig()
     device = parallel.local_device(world, resolve_device(config.device))
@@ -399,9 +425,11 @@ def distill(
     n = len(data)
     if n == 0:
         raise DDToolError("no inputs to distill on")
-    first = next(data.batches(torch.arange(min(n, 2)), 2))
-    example = preprocess.prepare(first)
-    probe(model, example, config.output)
+    example = preprocess.prepare(data.sample(2))
+    out = probe(model, example, config.output)
+    if config.loss == "kl" and not (-out.dim() <= config.class_dim < out.dim() and config.class_dim % out.dim()):
+        raise UsageError(f"--class-dim {config.class_dim}: the model's output has shape {tuple(out.shape)}, "
+                         "so the class axis is one of 1.." + str(out.dim() - 1) + " (axis 0 is the batch)")
     require_dropout(model, example, config.sample_drop_path, config.output)
 
     teacher = _frozen(set_mc(clone_model(model), config.sample_drop_path)).to(device)
@@ -433,15 +461,31 @@ def distill(
     start_epoch, start_step, best = 0, 0, None
     checkpoint = Path(checkpoint) if checkpoint else None
     rng_state = None
+    if checkpoint is not None:  # what makes a resumed run the same run
+        fingerprint = {"teacher": teacher_sha256, "inputs": data.fingerprint(), **(fingerprint or {})}
     if resume:
-        state = load_resume_state(checkpoint, config)
+        state = load_resume_state(checkpoint, config, fingerprint)
         if state.get("world_size", 1) != world.size:
             raise UsageError(f"--resume: the interrupted run had {state.get('world_size', 1)} process(es), this one {world.size}")
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"][world.rank])
-        rng_state, history, best = state["rng"][world.rank], state["history"], state.get("best")
-        start_epoch, start_step = state["epoch"], state["step"]
+        try:
+            student.load_state_dict(state["student"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"][world.rank])
+            rng_state, history, best = state["rng"][world.rank], list(state["history"]), state.get("best")
+            start_epoch, start_step = int(state["epoch"]), int(state["step"])
+            if not (isinstance(rng_state, torch.Tensor) and rng_state.dtype == torch.uint8
+                    and rng_state.shape == torch.get_rng_state().shape):
+                raise ValueError("the saved random state has another type or size")
+            if not (0 <= start_epoch and 0 <= start_step <= steps_per_epoch):
+                raise ValueError(f"epoch {start_epoch}, step {start_step} out of range")
+            if best is not None:
+                own = student.state_dict()
+                if {k: tuple(v.shape) for k, v in best["student"].items()} != {k: tuple(v.shape) for k, v in own.items()}:
+                    raise ValueError("the best epoch's weights have other shapes")
+                best = {"epoch": int(best["epoch"]), "fidelity": float(best["fidelity"]), "student": best["student"]}
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CheckpointError(f"{checkpoint} does not fit this run (another model or settings?): {first}") from None
 
     def save(epoch: int, step: int) -> None:
         if checkpoint is None:
@@ -449,6 +493,7 @@ def distill(
         states = parallel.gather(world, (torch.get_rng_state(), gen.get_state()))  # every rank's, for --resume
         if world.main:
             _save_state(checkpoint, config=config.as_dict(), epoch=epoch, step=step, teacher_sha256=teacher_sha256,
+                        fingerprint=fingerprint,
                         student={k: v.detach().cpu() for k, v in student.state_dict().items()},
                         optimizer=opt.state_dict(), generator=[g for _, g in states], rng=[r for r, _ in states],
                         history=history, best=best, world_size=world.size)
@@ -512,7 +557,8 @@ def distill(
                 break
     if best is not None:
         student.load_state_dict(best["student"])
-    if checkpoint is not None and world.main:
+    _require_finite_student(student, example.to(device), config)
+    if checkpoint is not None and world.main and not keep_checkpoint:
         checkpoint.unlink(missing_ok=True)  # finished: nothing left to resume
     if channels_last:
         student = student.to(memory_format=torch.contiguous_format)

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Inputs, Preprocess
+from .data import Inputs, Preprocess, class_labels
 from .distill import probe
 from .dropout import deterministic, mc_mode, require_dropout
+from .errors import ModelError
 from .outputs import select_output
 
 ECE_BINS = 15
@@ -200,6 +201,14 @@ def fast_layout(models: list[nn.Module], x: torch.Tensor):
             m.to(memory_format=torch.contiguous_format)
 
 
+def _require_finite(probs: torch.Tensor, method: str) -> None:
+    """A method whose predictions hold NaN has no metrics: say so instead of a table of NaN."""
+    bad = int((~torch.isfinite(probs)).any(dim=1).sum())
+    if bad:
+        raise ModelError(f"{method} gives NaN or infinite outputs on {bad} of {probs.shape[0]} inputs; "
+                         "its weights or the inputs hold values out of range")
+
+
 # --------------------------------------------------------------------------- the comparison
 def evaluate(
     teacher: nn.Module,
@@ -213,23 +222,32 @@ def evaluate(
     sample_drop_path: bool = False,
     repeats: int = 1,
     timing: bool = True,
+    classes: list[str] | None = None,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 
     ``select`` picks the prediction among the models' outputs (default: logits / first tensor).
-    ``timing=False`` skips the batch-1 latency runs (for quick checks).
+    ``timing=False`` skips the batch-1 latency runs (for quick checks). ``classes`` are the
+    models' class names in output order: class subfolders are matched to them by name (see
+    ``ddtool.data.class_labels``).
     """
+    from .limits import require
+
+    require(inputs.x.numel() * 4, f"the {len(inputs):,} inputs as floats", "evaluate on fewer inputs or a smaller --size")
     x = preprocess.prepare(inputs.x)
     models = {"standard": teacher, **(distilled or {})}
-    for model in models.values():
-        probe(model, x[:2], select)
+    outputs = {name: probe(model, x[:2], select) for name, model in models.items()}
     require_dropout(teacher, x[:2], sample_drop_path, select)
-    labels = inputs.labels
+    widths = {tuple(o.shape[1:]) for o in outputs.values()}
+    if len(widths) > 1:
+        raise ModelError(f"the models give outputs of different shapes ({', '.join(str(list(w)) for w in sorted(widths))})")
+    labels = class_labels(inputs, classes, outputs["standard"].shape[1]) if outputs["standard"].dim() > 1 else inputs.labels
     runs: dict[str, list[dict]] = {name: [] for name in [*models, "mc"]}
     deterministic_probs = {}
     with fast_layout(list(models.values()), x) as x:
         for name, model in models.items():
             probs, seconds = predict_probs(model, x, batch_size, select=select)
+            _require_finite(probs, name)
             deterministic_probs[name] = probs
             runs[name].append({"throughput": len(x) / seconds,
                                "latency_ms": latency_ms(model, x, select=select) if timing else None})
@@ -237,6 +255,7 @@ def evaluate(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + r)
                 mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path)
+                _require_finite(mc, f"mc-{mc_samples}")
                 mc_latency = latency_ms(teacher, x, mc_samples, select, runs=10) if timing and r == 0 else None
             runs["mc"].append({**metrics(mc, None, labels), "throughput": len(x) / seconds, "latency_ms": mc_latency})
             for name, probs in deterministic_probs.items():
@@ -262,7 +281,7 @@ def plot(report: EvalReport, path, force: bool = False) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_output
+    from .files import to_bytes, write_bytes
 
     key, label = ("error", "test error (%)") if report.labelled else ("kl_to_mc", "KL to MC average (nats)")
     scale = 100 if key == "error" else 1
@@ -287,6 +306,8 @@ def plot(report: EvalReport, path, force: bool = False) -> None:
         ax.set_title("reliability diagram")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_output(path, force) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        data = to_bytes(lambda buffer: fig.savefig(buffer, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    write_bytes(path, data, force)
