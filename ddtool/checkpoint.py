@@ -217,6 +217,9 @@ def build_from_ref(ref: dict, trust: bool = False) -> nn.Module:
 
         return shrink(build_from_ref(ref["base"], trust), ref["keep"], by_strength=False)
     if kind == "pickled-module":
+        if not trust:
+            raise CheckpointError("the bundle's architecture is a pickled module, and unpickling runs code from it: "
+                                  "pass --trust-checkpoint if you trust whoever made it")
         path = Path(ref["path"])
         if not path.is_file():
             raise CheckpointError(f"the bundle's architecture is the pickled module {path}, which is gone")
@@ -574,6 +577,9 @@ def _check_pt2_archive(source, what: str) -> None:
                         raw.add(name.rpartition("/")[0] + "/" + path_name)
         for name in names:
             base = name.rpartition("/")[2]
+            if "/aotinductor/" in f"/{name}":
+                raise CheckpointError(f"{what} holds compiled native code (AOTInductor, {name}), which loading would run; "
+                                      "refused (pass --trust-checkpoint if you trust whoever made this file)")
             if name.endswith("/") or name in raw or base in _PT2_TEXT or "/extra/" in name:
                 continue
             if name.endswith(".json"):
@@ -604,8 +610,9 @@ class _Refused(Exception):
 @contextlib.contextmanager
 def code_free_loading() -> Any:
     """Load archives so that nothing can run: ``torch.load`` is held to ``weights_only=True``,
-    ``pickle.load(s)`` and TorchScript object unpickling refuse, and ``sympy.sympify`` (which
-    evaluates Python) accepts arithmetic only. The guard holds for the block only."""
+    ``pickle.load(s)`` and TorchScript object unpickling refuse, ``sympy.sympify`` (which
+    evaluates Python) accepts arithmetic only, and AOTInductor's compiled libraries are not
+    loaded. The guard holds for the block only."""
     import sympy
 
     real_load, real_sympify = torch.load, sympy.sympify
@@ -623,8 +630,14 @@ def code_free_loading() -> Any:
             raise _Refused(f"a symbolic expression that is not arithmetic ({a[:60]!r})")
         return real_sympify(a, *args, **kwargs)
 
+    from torch.export.pt2_archive import _package
+
+    def no_native_code(*_args, **_kwargs):
+        raise _Refused("compiled native code (AOTInductor)")
+
     patches = [(torch, "load", weights_only), (torch.serialization, "load", weights_only), (pickle, "load", refuse),
-               (pickle, "loads", refuse), (torch._C, "_pickle_load_obj", refuse), (sympy, "sympify", checked_sympify)]
+               (pickle, "loads", refuse), (torch._C, "_pickle_load_obj", refuse), (sympy, "sympify", checked_sympify),
+               (_package, "_load_aoti", no_native_code)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, value in patches:
         setattr(obj, name, value)
@@ -731,6 +744,16 @@ def _transformers():
     return transformers
 
 
+def _check_hf_config(config: dict, what: str) -> None:
+    """A transformers config may name an attention kernel on the Hub (``org/repo``), which would
+    be downloaded and run: refused, as ``trust_remote_code`` is."""
+    for key in ("attn_implementation", "_attn_implementation"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, str) and "/" in value:
+            raise CheckpointError(f"{what} asks for the attention kernel {value!r} from the Hub, which would run its "
+                                  "code; ddtool never runs remote code")
+
+
 def _hf_class(transformers, name: str):
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -741,17 +764,21 @@ def _hf_class(transformers, name: str):
 def _hf_from_config(class_name: str, config: dict) -> nn.Module:
     transformers = _transformers()
     cls = _hf_class(transformers, class_name)
+    _check_hf_config(config, "the bundle's transformers config")
     return HFClassifier(cls(cls.config_class.from_dict(config)))
 
 
 def _load_hf(folder: Path) -> LoadedModel:
     transformers = _transformers()
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{folder}/config.json could not be read: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder}/config.json is not a JSON object")
+    _check_hf_config(config, f"{folder}/config.json")
     names = config.get("architectures") or []
-    if not names:
+    if not isinstance(names, list) or not names or not isinstance(names[0], str):
         raise CheckpointError(f"{folder}/config.json names no architecture ('architectures' is empty)")
     cls = _hf_class(transformers, names[0])
     try:

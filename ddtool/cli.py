@@ -404,7 +404,9 @@ def distill(
     try:
         result = run_distill(loaded.model, train, pre, config, progress, val=val, student=student,
                              checkpoint=resume_path, resume=resume, teacher_sha256=loaded.sha256, world=world,
-                             fingerprint={"architecture": _arch_fingerprint(arch_ref)}, keep_checkpoint=True)
+                             fingerprint={"architecture": _arch_fingerprint(arch_ref),
+                                          "preprocessing": json.dumps(pre.as_dict(), sort_keys=True)},
+                             keep_checkpoint=True)
     finally:
         if progress:
             progress.close()

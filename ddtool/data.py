@@ -291,6 +291,8 @@ def index_folder(root: str | os.PathLike, labelled: bool | None = None, follow_o
     items, labels = [], []
     for path in paths:
         keys = _npz_keys(path) if path.suffix.lower() == ".npz" else [None]
+        if not keys:
+            unused.append(Unused(path, "an .npz holding no arrays"))
         items += [(path, k) for k in keys]
         if classes:
             labels += [position[path.relative_to(root).parts[0]]] * len(keys)

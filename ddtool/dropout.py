@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from .errors import NoDropoutError
+from .errors import DDToolError, ModelError, NoDropoutError
 from .outputs import select_output
 
 #: Module types whose training flag switches random masking on.
@@ -268,11 +268,19 @@ class _Recorder(TorchFunctionMode):
 
 
 def _call_model(model: nn.Module, example):
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, (tuple, list)):
-        return model(*example)
-    return model(example)
+    """Run ``model`` on ``example``; a model that fails on it is the user's error (exit 8), not ours."""
+    try:
+        if isinstance(example, dict):
+            return model(**example)
+        if isinstance(example, (tuple, list)):
+            return model(*example)
+        return model(example)
+    except (DDToolError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the model's own code
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise ModelError(f"the model failed on inputs of shape {shape}: {first}") from None
 
 
 @torch.no_grad()

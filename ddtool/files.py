@@ -109,9 +109,7 @@ def check_output(path: str | os.PathLike, force: bool = False) -> Path:
             raise OutputError(f"output {path} is a folder; give a file name")
         if path.exists() and not force:
             raise OutputError(f"output {path} already exists; pass --force to replace it")
-        existing = path.parent
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
+        existing = _existing(path.parent)
     except OSError as err:
         raise OutputError(f"cannot use output {path}: {err.strerror or err}") from None
     if not existing.is_dir():
@@ -131,13 +129,42 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
 
 
 def _name_max(path: Path) -> int:
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     try:
-        return os.pathconf(existing, "PC_NAME_MAX")
+        return os.pathconf(_existing(path.parent), "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
+
+
+def _existing(path: Path) -> Path:
+    """The nearest of ``path`` and its parents that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, outermost first."""
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    made: list[Path] = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            made.append(path)
+    except OSError as err:
+        remove_if_empty(made)
+        raise OutputError(f"cannot create output folder {folder}: {err.strerror or err}") from None
+    return made
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the ``folders`` (outermost first) that are empty, innermost first: never what holds files."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 # --------------------------------------------------------------------------- staged writes
@@ -195,7 +222,7 @@ class Outputs:
         self.force = force
         self.staged: dict[Path, Path] = {}  # destination -> staged path
         self._stages: dict[Path, Path] = {}  # destination folder -> staging folder
-        self._created: list[Path] = []  # folders made for the outputs, deepest last
+        self._created: list[Path] = []  # folders made for the outputs, outermost first
 
     def __enter__(self) -> "Outputs":
         return self
@@ -211,17 +238,7 @@ class Outputs:
 
     def _stage_folder(self, folder: Path) -> Path:
         if folder not in self._stages:
-            missing = []
-            probe = folder
-            while not probe.exists() and probe != probe.parent:
-                missing.append(probe)
-                probe = probe.parent
-            try:
-                for made in reversed(missing):
-                    made.mkdir()
-                    self._created.append(made)
-            except OSError as err:
-                raise OutputError(f"cannot create output folder {folder}: {err.strerror or err}") from None
+            self._created += make_folders(folder)
             remove_stale_staging(folder)
             try:
                 self._stages[folder] = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-",
@@ -268,9 +285,7 @@ class Outputs:
     def discard(self) -> None:
         for stage in self._stages.values():
             shutil.rmtree(stage, ignore_errors=True)
-        for folder in reversed(self._created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty: never what was there before
+        remove_if_empty(self._created)
         self.staged.clear()
         self._stages.clear()
         self._created.clear()
@@ -318,6 +333,17 @@ def to_bytes(save: Callable[[io.BytesIO], object]) -> bytes:
 
 
 # --------------------------------------------------------------------------- one run per folder
+def _try_flock(fd: int, path: Path) -> OSError | None:
+    """Take the exclusive lock without waiting; the error if another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:  # a finishing run removed the file meanwhile
+            return BlockingIOError(errno.EWOULDBLOCK, "lock file replaced")
+    except OSError as err:
+        return err
+    return None
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on an output folder for the length of a run.
@@ -328,31 +354,22 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     the lock file are removed afterwards if the run leaves nothing else in the folder.
     """
     folder = Path(folder)
-    created = []
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        created.append(probe)
-        probe = probe.parent
+    created = make_folders(folder)
     try:
-        for made in reversed(created):
-            made.mkdir()
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        for made in created:
-            with contextlib.suppress(OSError):
-                made.rmdir()
+        remove_if_empty(created)
         raise OutputError(f"cannot use output folder {folder}: {err.strerror or err}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino != os.stat(folder / LOCK_NAME).st_ino:  # a finishing run removed it
-            raise BlockingIOError(errno.EWOULDBLOCK, "lock file replaced")
-    except OSError as err:
+    problem = _try_flock(fd, folder / LOCK_NAME)
+    if problem is not None and problem.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+        problem = None  # a file system without locks: run unlocked rather than not at all
+    if problem is not None:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.ENOENT):
+        if problem.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.ENOENT):
             raise OutputError(f"output folder {folder} is in use by another ddtool run (pid {holder}); "
-                              "wait for it or choose another --out") from None
-        raise OutputError(f"cannot lock output folder {folder}: {err.strerror or err}") from None
+                              "wait for it or choose another --out")
+        raise OutputError(f"cannot lock output folder {folder}: {problem.strerror or problem}")
     try:
         with contextlib.suppress(OSError):  # the pid is for the message of a refused run; a full disk may refuse it
             os.ftruncate(fd, 0)
@@ -362,9 +379,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         with contextlib.suppress(OSError):
             (folder / LOCK_NAME).unlink()
         os.close(fd)
-        for made in created:  # deepest first; only folders left empty
-            with contextlib.suppress(OSError):
-                made.rmdir()
+        remove_if_empty(created)
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -948,3 +948,47 @@ def test_a_fifo_checkpoint_does_not_hang_and_errors_have_no_colour(world):
     for args, code in (([*DDTOOL, "inspect", "pipe.pt"], 3), ([*DDTOOL, "distill", "--epochs", "zero"], 2)):
         result = _subprocess(args, world.inp, timeout=120, FORCE_COLOR="1", TERM="xterm-256color", COLUMNS="80")
         _check_failure(result.returncode, result.stderr, result.stdout, code, "")
+
+
+# --------------------------------------------------------------------------- the README's table is this file
+AREAS = {
+    "Checkpoints": [test_bad_checkpoints, test_malicious_pickle_runs_nothing, test_model_without_dropout, test_bad_arch,
+                    test_unreadable_checkpoint],
+    "Code that must never run": [test_a_bundle_runs_no_code_it_names, test_a_bundle_with_a_program_works_without_its_code,
+                                 test_a_hostile_pt2_runs_nothing, test_the_load_guard_alone_stops_a_payload,
+                                 test_no_torch_load_without_weights_only],
+    "Data, cached and streamed alike": [test_bad_data, test_a_few_corrupt_images_are_skipped_and_counted_per_epoch,
+                                        test_a_dying_worker_is_one_line,
+                                        test_grayscale_and_rgb_are_converted_to_what_the_model_takes],
+    "Every input counted": [test_every_input_is_counted_and_every_other_entry_reported, test_an_unreadable_subfolder_is_reported],
+    "Images mean what they show": [test_images_are_scaled_by_their_bit_depth_and_orientation,
+                                   test_an_animation_gives_its_first_frame_and_says_so,
+                                   test_out_of_range_float_images_are_refused_not_clipped],
+    "Classes by name": [test_evaluate_maps_class_folders_by_name, test_evaluate_refuses_class_folders_that_do_not_fit],
+    "Outputs": [test_no_output_is_an_input_whatever_force_says, test_existing_output_needs_force, test_unwritable_output_folder,
+                test_outputs_respect_the_umask_and_long_names, test_predict_csv_with_a_file_name_that_is_not_utf8],
+    "A real full disk": [test_a_full_disk_is_exit_6_with_nothing_left, test_a_full_disk_at_the_bundle_keeps_the_resumable_state],
+    "Interruption and resume": [test_sigint_writes_a_resumable_checkpoint_a_second_run_is_refused_and_resume_finishes,
+                                test_sigkill_during_the_final_write_loses_nothing, test_resume_refuses_another_run],
+    "Option values and memory": [test_option_values_that_cannot_work, test_a_memory_estimate_refuses_what_cannot_fit],
+    "Non-finite results": [test_a_model_giving_nan_is_never_a_result, test_a_student_that_went_non_finite_is_never_saved],
+    "Smaller ones": [test_inspect_on_ddtools_own_torchscript_export, test_a_fifo_checkpoint_does_not_hang_and_errors_have_no_colour],
+}
+
+
+def _cases(test) -> int:
+    count = 1
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize":
+            count *= len(mark.args[1])
+    return count
+
+
+def test_the_readme_table_counts_these_cases():
+    tests = [v for k, v in globals().items() if k.startswith("test_") and callable(v) and k != "test_the_readme_table_counts_these_cases"]
+    listed = [t for area in AREAS.values() for t in area]
+    assert sorted(t.__name__ for t in listed) == sorted(t.__name__ for t in tests), "a test is in no area, or in two"
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \|", (ROOT / "README.md").read_text(), re.M))
+    counts = {area: sum(_cases(t) for t in area_tests) for area, area_tests in AREAS.items()}
+    assert {area: int(rows.get(area, -1)) for area in AREAS} == counts
+    assert int(rows["Total"]) == sum(counts.values())
