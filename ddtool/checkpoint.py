@@ -959,8 +959,9 @@ def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, trust: bo
             ref = {"kind": "torch-export", "archive": obj["program"]}
         else:
             given = f" (--arch {arch} is another factory)" if arch else ""
-            raise CheckpointError(f"{path} was distilled from the architecture {factory.get('spec')!s:.200}, and using it runs "
-                                  f"that code: pass --arch {_arch_hint(factory)!s:.300}{given}, or --trust-checkpoint")
+            raise CheckpointError(f"{path} holds no code-free program, and its architecture {factory.get('spec')!s:.200} is "
+                                  f"code that would run: if you trust that code, pass --arch {_arch_hint(factory)!s:.300}"
+                                  f"{given} (or --trust-checkpoint)")
     if model is None:
         model = build_from_ref(ref, trust)
         load_state_dict_into(model, obj["state_dict"], ref.get("spec") or ref.get("kind"))

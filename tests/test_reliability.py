@@ -237,6 +237,7 @@ def test_a_bundle_runs_no_code_it_names(world, ref, command):
     world.expect_failure(BUNDLE_COMMANDS[command](world, bundle), 3, "pass --arch")
 
 
+@pytest.mark.slow
 def test_a_bundle_with_a_program_works_without_its_code(world):
     bundle = world.bundle(_evil_refs(world)["module callable (subprocess:run)"], program=True)
     doc = json.loads(world.expect_success("inspect", bundle, "--json").stdout)
@@ -638,6 +639,7 @@ def _without_root_powers(cmd: list[str], cwd: Path) -> subprocess.CompletedProce
     return _subprocess(cmd, cwd)
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint(world):
     before = _hashes(world.inp)
     world.ckpt.chmod(0o000)
@@ -649,6 +651,7 @@ def test_unreadable_checkpoint(world):
     assert _hashes(world.inp) == before and not world.out.exists()
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder(world):
     locked = world.root / "locked"
     locked.mkdir()
@@ -712,6 +715,7 @@ FULL_DISK_WRITERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", sorted(FULL_DISK_WRITERS))
 def test_a_full_disk_is_exit_6_with_nothing_left(world, tmpfs, writer):
     with full(tmpfs) as folder:
