@@ -135,15 +135,38 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 def build_arch(spec: str, args: dict | None = None) -> nn.Module:
-    """Call the architecture factory with ``args`` and check that it returns a module."""
+    """Call the architecture factory with ``args`` and check that it returns a module (and, built
+    first on the meta device, that it fits in memory: arguments are data, and data can be huge)."""
     factory = resolve_factory(spec)
+
+    def build():
+        try:
+            model = factory(**(args or {}))
+        except BaseException as err:  # noqa: BLE001 - SystemExit or KeyboardInterrupt from user code too
+            raise CheckpointError(f"--arch {spec}: the factory raised {_user_error(err)}") from None
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"--arch {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    _require_fits(build, f"the module --arch {spec} builds")
+    return build()
+
+
+def _require_fits(build: Callable[[], nn.Module], what: str) -> None:
+    """Build the module on the meta device (no memory) and refuse it if its weights cannot fit;
+    a factory that cannot build on the meta device is left to build for real."""
+    from .limits import require
+
     try:
-        model = factory(**(args or {}))
-    except BaseException as err:  # noqa: BLE001 - SystemExit or KeyboardInterrupt from user code too
-        raise CheckpointError(f"--arch {spec}: the factory raised {_user_error(err)}") from None
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"--arch {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build()
+        size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - the real build reports its own failure
+        return
+    require(size, what, "check its arguments")
 
 
 def _user_error(err: BaseException) -> str:
@@ -179,7 +202,7 @@ def same_factory(ref: dict, spec: str) -> bool:
         return not _is_file_spec(rec_target) and target == rec_target
     if not _is_file_spec(rec_target) or not is_regular_file(target):
         return False
-    if str(Path(target).resolve()) == str(ref.get("abs", "")).rpartition(":")[0]:
+    if str(Path(target).resolve()) == str(ref.get("abs") or ref.get("spec")).rpartition(":")[0]:
         return True
     return bool(ref.get("sha256")) and sha256(target) == ref.get("sha256")
 
@@ -215,7 +238,10 @@ def build_from_ref(ref: dict, trust: bool = False) -> nn.Module:
     if kind == "shrink":
         from .compress import shrink
 
-        return shrink(build_from_ref(ref["base"], trust), ref["keep"], by_strength=False)
+        try:
+            return shrink(build_from_ref(ref["base"], trust), ref["keep"], by_strength=False)
+        except UsageError as err:
+            raise CheckpointError(f"the bundle's shrunk architecture does not fit its base: {err}") from None
     if kind == "pickled-module":
         if not trust:
             raise CheckpointError("the bundle's architecture is a pickled module, and unpickling runs code from it: "
@@ -765,7 +791,12 @@ def _hf_from_config(class_name: str, config: dict) -> nn.Module:
     transformers = _transformers()
     cls = _hf_class(transformers, class_name)
     _check_hf_config(config, "the bundle's transformers config")
-    return HFClassifier(cls(cls.config_class.from_dict(config)))
+
+    def build():
+        return HFClassifier(cls(cls.config_class.from_dict(config)))
+
+    _require_fits(build, f"the {class_name} its config describes")
+    return build()
 
 
 def _load_hf(folder: Path) -> LoadedModel:
@@ -963,7 +994,10 @@ def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, trust: bo
                                   f"code that would run: if you trust that code, pass --arch {_arch_hint(factory)!s:.300}"
                                   f"{given} (or --trust-checkpoint)")
     if model is None:
-        model = build_from_ref(ref, trust)
+        try:
+            model = build_from_ref(ref, trust)
+        except UsageError as err:  # the bundle's own arguments: a checkpoint error, not the user's option
+            raise CheckpointError(f"{path}: {err}") from None
         load_state_dict_into(model, obj["state_dict"], ref.get("spec") or ref.get("kind"))
     spec = obj.get("input")
     example = None

@@ -26,13 +26,13 @@ from . import __version__, limits, parallel
 from .checkpoint import BUNDLE_NAME, load_model, parse_arch_args, save_bundle
 from .compress import parse_shrink, shrunk_student, student_from_arch
 from .data import example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
-from .distill import DistillConfig, distill as run_distill, resolve_device
+from .distill import DistillConfig, distill as run_distill, probe, resolve_device
 from .dropout import find_dropout, require_dropout
 from .outputs import parse_select
 from .errors import EXIT_INTERRUPTED, DDToolError, OutputError, UsageError
 from .evaluate import evaluate as run_evaluate, plot as plot_report
 from .export import FORMATS, SUFFIXES, export_loaded
-from .predict import load_predictor, parse_classes, predict as run_predict, write_predictions
+from .predict import check_classes, load_predictor, parse_classes, predict as run_predict, write_predictions
 from .files import Outputs, check_output, check_output_folder, folder_lock, protect_inputs, release_inputs
 
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f]")
@@ -397,8 +397,10 @@ def distill(
         compression["tensors_from_teacher"] = copied
     if student is not None:
         compression.update(teacher_parameters=_count(loaded.model), student_parameters=_count(student))
-    limits.check_distill(loaded.model, student or loaded.model, pre.prepare(train.sample(2)),
+    example = pre.prepare(train.sample(2))
+    limits.check_distill(loaded.model, student or loaded.model, example,
                          min(parallel.local_batch(world, batch_size), len(train)), teacher_samples, resolve_device(device))
+    check_classes(class_names, probe(loaded.model, example, config.output).shape[1])
 
     progress = DistillProgress() if world.main else None
     try:

@@ -108,6 +108,8 @@ def shrink(model: nn.Module, keep: dict[str, int], by_strength: bool = True) -> 
     for name, k in keep.items():
         layer = _layer(model, name)
         units = _units(layer)
+        if not isinstance(k, int) or not 0 < k <= units:
+            raise UsageError(f"--shrink {name}: cannot keep {k!r} of its {units} units")
         norms, next_name, spatial = _following(model, name)
         nxt = model.get_submodule(next_name)
         if by_strength:

@@ -297,5 +297,11 @@ def export_loaded(
                               **(loaded.provenance or {})},
     }
     metadata = {k: v for k, v in metadata.items() if v is not None}
+    if metadata.get("ddtool.classes"):
+        from .distill import probe
+        from .predict import check_classes
+
+        example = parity_inputs(shape, getattr(torch, spec.get("dtype", "float32")))[0]
+        check_classes(metadata["ddtool.classes"], probe(loaded.model, example, options.get("select")).shape[1])
     return export(loaded.model, out, format, shape, input_dtype=spec.get("dtype", "float32"),
                   metadata=metadata, **options)

@@ -113,6 +113,8 @@ def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: in
         if bad:
             raise ModelError(f"the model gives NaN or infinite outputs for {len(bad)} input(s), e.g. "
                              f"{display_path(inputs.paths[start + bad[0]])}; no predictions written")
+        if start == 0:
+            check_classes(predictor.classes, probs.shape[1])
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
@@ -142,6 +144,13 @@ def write_predictions(rows: list[dict], out: str | os.PathLike, force: bool = Fa
         raise UsageError(f"--out {out.name}: predictions are written as .csv or .json")
     write_text(out, text, force)
     return out
+
+
+def check_classes(classes: list[str] | None, outputs: int) -> None:
+    """Class names must name every output of the model, no more and no fewer."""
+    if classes and len(classes) != outputs:
+        raise DataError(f"{len(classes)} class name(s) ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}) "
+                        f"for a model with {outputs} outputs")
 
 
 def parse_classes(text: str | None) -> list[str] | None:

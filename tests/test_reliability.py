@@ -238,6 +238,18 @@ def test_a_bundle_runs_no_code_it_names(world, ref, command):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ref, fragment", [
+    ({"kind": "factory", "spec": ARCH, "args": {"classes": 10**11}}, "memory"),
+    ({"kind": "shrink", "base": {"kind": "factory", "spec": ARCH, "args": {}}, "keep": {"5": 10**9}}, "cannot keep"),
+    ({"kind": "torchscript", "archive": "not bytes"}, "damaged ddtool bundle"),
+    ({"kind": "nonsense"}, "unknown architecture reference"),
+])
+def test_a_bundle_of_hostile_data_is_a_checkpoint_error(world, ref, fragment):
+    """A bundle's recorded arguments are data for the user's own factory: huge ones are refused
+    before anything is allocated, malformed ones are a damaged bundle."""
+    world.expect_failure(["inspect", world.bundle({**ref, "abs": ARCH}), "--arch", ARCH], 3, fragment)
+
+
 def test_a_bundle_with_a_program_works_without_its_code(world):
     bundle = world.bundle(_evil_refs(world)["module callable (subprocess:run)"], program=True)
     doc = json.loads(world.expect_success("inspect", bundle, "--json").stdout)
@@ -556,6 +568,14 @@ def test_evaluate_refuses_class_folders_that_do_not_fit(world, classes, extra, f
     ckpt, folder = _by_region(world, ["zeta", "alpha", "mid"], extra)
     args = ["evaluate", ckpt, "--arch", LINEAR, "--data", folder, "--mc-samples", 2, "--no-timing"]
     world.expect_failure(args + (["--classes", classes] if classes else []), 5, fragment)
+
+
+@pytest.mark.parametrize("command", ["distill", "export", "predict"])
+def test_class_names_must_name_every_output(world, command):
+    args = {"distill": distill_args(world),
+            "export": _export_args(world),
+            "predict": ["predict", world.ckpt, "--arch", ARCH, "--data", world.inp / "images"]}[command]
+    world.expect_failure([*args, "--classes", "a,b"], 5, "2 class name(s) (a, b) for a model with 3 outputs")
 
 
 # --------------------------------------------------------------------------- outputs: never an input
@@ -959,6 +979,7 @@ AREAS = {
     "Checkpoints": [test_bad_checkpoints, test_malicious_pickle_runs_nothing, test_model_without_dropout, test_bad_arch,
                     test_unreadable_checkpoint],
     "Code that must never run": [test_a_bundle_runs_no_code_it_names, test_a_bundle_with_a_program_works_without_its_code,
+                                 test_a_bundle_of_hostile_data_is_a_checkpoint_error,
                                  test_a_hostile_pt2_runs_nothing, test_the_load_guard_alone_stops_a_payload,
                                  test_no_torch_load_without_weights_only],
     "Data, cached and streamed alike": [test_bad_data, test_a_few_corrupt_images_are_skipped_and_counted_per_epoch,
@@ -968,7 +989,8 @@ AREAS = {
     "Images mean what they show": [test_images_are_scaled_by_their_bit_depth_and_orientation,
                                    test_an_animation_gives_its_first_frame_and_says_so,
                                    test_out_of_range_float_images_are_refused_not_clipped],
-    "Classes by name": [test_evaluate_maps_class_folders_by_name, test_evaluate_refuses_class_folders_that_do_not_fit],
+    "Classes by name": [test_evaluate_maps_class_folders_by_name, test_evaluate_refuses_class_folders_that_do_not_fit,
+                        test_class_names_must_name_every_output],
     "Outputs": [test_no_output_is_an_input_whatever_force_says, test_existing_output_needs_force, test_unwritable_output_folder,
                 test_outputs_respect_the_umask_and_long_names, test_predict_csv_with_a_file_name_that_is_not_utf8],
     "A real full disk": [test_a_full_disk_is_exit_6_with_nothing_left, test_a_full_disk_at_the_bundle_keeps_the_resumable_state],
