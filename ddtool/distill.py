@@ -433,7 +433,11 @@ def distill(
     require_dropout(model, example, config.sample_drop_path, config.output)
 
     teacher = _frozen(set_mc(clone_model(model), config.sample_drop_path)).to(device)
-    student = (clone_model(model) if student is None else student).eval().to(device)
+    if student is None:  # a copy of the teacher, trainable even if the teacher was saved frozen
+        student = clone_model(model)
+        for param in student.parameters():
+            param.requires_grad_(param.is_floating_point())
+    student = student.eval().to(device)
     probe(student, example.to(device), config.output)
     channels_last = uses_channels_last(student, example)
     if channels_last:

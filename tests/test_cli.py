@@ -204,3 +204,14 @@ def test_distill_bad_option_values(tmp_path, tiny_ckpt, unlabelled):
     assert_one_line_error(run(*base, "--loss", "hinge"), 2, "loss")
     assert_one_line_error(run(*base, "--device", "cuda:3"), 2, "--device")
     assert_one_line_error(run(*base, "--shrink", "5=2"), 2, "--shrink")
+
+
+def test_a_bundle_distills_again_through_its_program(tmp_path, tiny_ckpt, unlabelled):
+    """Without --arch a bundle is its code-free program, whose weights were saved frozen: it still
+    teaches, and its student is trainable."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", first, "--epochs", 1).exit_code == 0
+    result = run("distill", first, "--data", unlabelled, "--out", second, "--epochs", 1, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(run("inspect", second, "--json").stdout)
+    assert doc["arch"] == "torch-export" and len(doc["dropout"]) == 2
