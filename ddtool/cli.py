@@ -137,6 +137,13 @@ def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | N
     return values
 
 
+def _model_file(path: Path) -> Path:
+    """What a model argument reads: a distill --out folder's bundle file (other files may be
+    written beside it, such as an evaluation plot), else the path itself (a file, or a whole
+    transformers folder)."""
+    return path / BUNDLE_NAME if (path / BUNDLE_NAME).is_file() else path
+
+
 def _arch_file(spec: str | None) -> Path | None:
     """The file an ``--arch file.py:factory`` names (an input like any other), if it is one."""
     target = (spec or "").rpartition(":")[0]
@@ -259,7 +266,7 @@ def inspect(
     as_json: Json = False,
 ) -> None:
     """List every dropout site (name, kind, p, how it was found, calls per forward pass)."""
-    protect_inputs(checkpoint, data, _arch_file(arch))
+    protect_inputs(_model_file(checkpoint), data, _arch_file(arch))
     loaded = _load(checkpoint, arch, arch_args, trust_checkpoint)
     example = _example(loaded, input_shape, data, _preprocess(loaded, channels, size, mean, std), follow_outside)
     sites = find_dropout(loaded.model, example, sample_drop_path)
@@ -364,7 +371,7 @@ def distill(
     """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
     OUT/resume.pt and exits with 130 (143); --resume continues. Data-parallel on N processes or GPUs:
     torchrun --nproc-per-node N -m ddtool distill ... (--batch-size is then the global batch)."""
-    protect_inputs(checkpoint, data, _arch_file(arch), _arch_file(student_arch), _classes_file(classes))
+    protect_inputs(_model_file(checkpoint), data, _arch_file(arch), _arch_file(student_arch), _classes_file(classes))
     check_output_folder(out_dir)
     bundle_path = check_output(out_dir / BUNDLE_NAME, force)
     history_path = check_output(out_dir / "history.json", force)
@@ -484,7 +491,7 @@ def evaluate(
     as_json: Json = False,
 ) -> None:
     """Compare standard dropout, MC dropout and distilled models on a folder: quality and cost."""
-    protect_inputs(checkpoint, data, *(distilled or []), _arch_file(arch), _classes_file(classes))
+    protect_inputs(_model_file(checkpoint), data, *map(_model_file, distilled or []), _arch_file(arch), _classes_file(classes))
     if plot is not None:
         check_output(plot, force)
     teacher = _load(checkpoint, arch, arch_args, trust_checkpoint)
@@ -579,7 +586,7 @@ def export(
     fmt = _parse_formats(fmt)
     if len(fmt) != 1:
         raise UsageError("export writes one format per --out; run it once per format")
-    protect_inputs(model, _arch_file(arch), _classes_file(classes))
+    protect_inputs(_model_file(model), _arch_file(arch), _classes_file(classes))
     check_output(out_file, force)
     loaded = _load(model, arch, arch_args, trust_checkpoint)
     result = export_loaded(loaded, out_file, fmt[0], input_shape=_ints(input_shape, "--input-shape", None),
@@ -617,7 +624,7 @@ def predict(
     as_json: Json = False,
 ) -> None:
     """Predict the top-k classes of every input in a folder, with the model's own preprocessing."""
-    protect_inputs(model, data, _arch_file(arch), _classes_file(classes))
+    protect_inputs(_model_file(model), data, _arch_file(arch), _classes_file(classes))
     if out_file is not None:
         check_output(out_file, force)
     predictor = load_predictor(model, arch, parse_arch_args(arch_args), trust_checkpoint, parse_select(output),

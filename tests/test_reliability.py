@@ -618,6 +618,15 @@ def test_no_output_is_an_input_whatever_force_says(world, case):
     world.expect_failure(_inputs_as_outputs(world)[case], 6, "input")
 
 
+def test_a_plot_may_go_beside_the_bundle_it_evaluates(world):
+    """The README's CI job writes evaluate's plot into the distill --out folder: that folder's
+    bundle is an input, the folder itself is not."""
+    world.expect_success(*distill_args(world))
+    world.expect_success("evaluate", world.ckpt, "--arch", ARCH, "--data", world.labelled(), "--distilled", world.out,
+                         "--plot", world.out / "eval.png", "--mc-samples", 2, "--no-timing")
+    assert sorted(p.name for p in world.out.iterdir()) == ["eval.png", "history.json", "model.pt"]
+
+
 def test_existing_output_needs_force(world):
     world.out.mkdir()
     (world.out / "model.pt").write_bytes(b"previous result")
@@ -991,7 +1000,8 @@ AREAS = {
                                    test_out_of_range_float_images_are_refused_not_clipped],
     "Classes by name": [test_evaluate_maps_class_folders_by_name, test_evaluate_refuses_class_folders_that_do_not_fit,
                         test_class_names_must_name_every_output],
-    "Outputs": [test_no_output_is_an_input_whatever_force_says, test_existing_output_needs_force, test_unwritable_output_folder,
+    "Outputs": [test_no_output_is_an_input_whatever_force_says, test_a_plot_may_go_beside_the_bundle_it_evaluates,
+                test_existing_output_needs_force, test_unwritable_output_folder,
                 test_outputs_respect_the_umask_and_long_names, test_predict_csv_with_a_file_name_that_is_not_utf8],
     "A real full disk": [test_a_full_disk_is_exit_6_with_nothing_left, test_a_full_disk_at_the_bundle_keeps_the_resumable_state],
     "Interruption and resume": [test_sigint_writes_a_resumable_checkpoint_a_second_run_is_refused_and_resume_finishes,
