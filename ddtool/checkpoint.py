@@ -636,7 +636,7 @@ class _Refused(Exception):
 @contextlib.contextmanager
 def code_free_loading() -> Any:
     """Load archives so that nothing can run: ``torch.load`` is held to ``weights_only=True``,
-    ``pickle.load(s)`` and TorchScript object unpickling refuse, ``sympy.sympify`` (which
+    pickle's ``load`` and ``loads`` and TorchScript object unpickling refuse, ``sympy.sympify`` (which
     evaluates Python) accepts arithmetic only, and AOTInductor's compiled libraries are not
     loaded. The guard holds for the block only."""
     import sympy

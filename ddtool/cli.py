@@ -400,7 +400,7 @@ def distill(
     if fractions:
         student, arch_ref = shrunk_student(loaded.model, loaded.arch_ref, fractions)
     elif student_arch:
-        student, arch_ref, copied = student_from_arch(loaded.model, student_arch, parse_arch_args(student_arch_args))
+        student, arch_ref, copied = student_from_arch(loaded.model, student_arch, parse_arch_args(student_arch_args, "--student-arch-args"))
         compression["tensors_from_teacher"] = copied
     if student is not None:
         compression.update(teacher_parameters=_count(loaded.model), student_parameters=_count(student))
