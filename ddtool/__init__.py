@@ -13,10 +13,12 @@ The Python API, one function per stage of the data path::
                              distilled={"distilled": result.student})
     ddtool.export(result.student, "model.onnx", "onnx", input_shape=(1, 28, 28))
 
-and one call per command, from files to files (what ``ddtool distill`` does)::
+and one call per command, from files to files (``ddtool distill``, ``evaluate``, ``export``,
+``predict``, ``inspect``)::
 
     ddtool.distill_to_folder("model.pt", "unlabelled/", "distilled/", ddtool.DistillConfig(epochs=30),
                              arch="net.py:build", export=["onnx"])
+    ddtool.predict_folder("distilled/model.onnx", "new/", "predictions.csv")
 """
 
 from .checkpoint import LoadedModel, load_model, save_bundle
@@ -27,12 +29,14 @@ from .errors import DDToolError
 from .evaluation import EvalReport, evaluate
 from .exporting import ExportResult, export
 from .mc import MCSampler, mc_average
-from .pipeline import FolderResult, Inspection, distill_to_folder, evaluate_folder, inspect_checkpoint
+from .pipeline import (FolderResult, Inspection, Predictions, distill_to_folder, evaluate_folder, export_checkpoint,
+                       inspect_checkpoint, predict_folder)
 from .version import __version__
 
 __all__ = [
     "DDToolError", "DistillConfig", "DistillResult", "DropoutSite", "EvalReport", "ExportResult", "FolderResult",
-    "Inputs", "Inspection", "LoadedModel", "MCSampler", "Preprocess", "__version__", "distill", "distill_to_folder",
-    "evaluate", "evaluate_folder", "export", "find_dropout", "inspect_checkpoint", "kl_loss", "load_model",
-    "mc_average", "mc_mode", "read_folder", "resolve_preprocess", "save_bundle",
+    "Inputs", "Inspection", "LoadedModel", "MCSampler", "Predictions", "Preprocess", "__version__", "distill",
+    "distill_to_folder", "evaluate", "evaluate_folder", "export", "export_checkpoint", "find_dropout",
+    "inspect_checkpoint", "kl_loss", "load_model", "mc_average", "mc_mode", "predict_folder", "read_folder",
+    "resolve_preprocess", "save_bundle",
 ]

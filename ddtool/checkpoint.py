@@ -22,17 +22,36 @@ teacher's hash, ddtool's version, the distillation settings). The reference is o
   {"kind": "hf", "class", "config"}               a transformers class and its config as JSON
   {"kind": "pickled-module", "path", "sha256"}   the trusted teacher file itself
   {"kind": "shrink", "base": <reference>, "keep"} a reference with layers shrunk (ddtool.compress)
-so that ``evaluate``, ``export`` and ``distill`` on a bundle need no extra flags.
+
+Loading runs no code the user did not name. A "factory" reference (or a "shrink" of one) names
+Python code, so it is honoured only when the user passes that same factory with ``--arch``
+(the same ``module:callable``, or the same file: same resolved path or same SHA-256 as when
+the bundle was written) or ``--trust-checkpoint``; the bundle's recorded arguments are only
+data for the user's own factory. Otherwise the bundle's *program* is used: a torch.export
+archive of the student written beside the weights (when torch.export could trace it), read
+like any .pt2 below, which needs no code at all. TorchScript, torch.export and transformers
+references are code-free and need nothing.
+
+A .pt2 archive is never handed to torch as it is: every member torch may unpickle is first
+checked with the weights-only rules, and torch.export.load then runs under a guard in which
+nothing can be unpickled, every symbolic expression it parses is checked to be arithmetic
+(sympy's parser evaluates Python), and the graph it builds may call torch operators only.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import datetime as _dt
+import hashlib
 import io
 import json
+import math
+import operator
 import os
 import pickle
 import pickletools
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -42,12 +61,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import build_arch, build_factory_ref, factory_ref, load_state_dict_into, stand_in
+from .arch import (arch_hint, build_arch, build_factory_ref, factory_of, factory_ref, load_state_dict_into, same_factory,
+                   with_factory)
 from .compress import rebuild_shrunk
-from .data import spec_example
+from .data import Preprocess, spec_example
 from .dropout import DropoutSite
-from .errors import CheckpointError, first_line
-from .files import atomic_output, sha256
+from .errors import CheckpointError, UsageError, first_line
+from .files import Outputs, is_regular_file, sha256, to_bytes, write_bytes
+from .limits import require_fits
+from .model import nonfinite_weights
 from .version import __version__
 
 BUNDLE_KEY = "ddtool_bundle"
@@ -97,8 +119,14 @@ def build_from_ref(ref: dict, trust: bool = False) -> nn.Module:
     if kind == "hf":
         return _hf_from_config(ref["class"], json.loads(ref["config"]))
     if kind == "shrink":
-        return rebuild_shrunk(build_from_ref(ref["base"], trust), ref)
+        try:
+            return rebuild_shrunk(build_from_ref(ref["base"], trust), ref)
+        except UsageError as err:
+            raise CheckpointError(f"the bundle's shrunk architecture does not fit its base: {err}") from None
     if kind == "pickled-module":
+        if not trust:
+            raise CheckpointError("the bundle's architecture is a pickled module, and unpickling runs code from it: "
+                                  "pass --trust-checkpoint if you trust whoever made it")
         path = Path(ref["path"])
         if not path.is_file():
             raise CheckpointError(f"the bundle's architecture is the pickled module {path}, which is gone")
@@ -125,6 +153,8 @@ def sniff_format(path: Path) -> str:
         if (path / "config.json").is_file():
             return "hf"
         raise CheckpointError(f"{path} is a folder with neither a ddtool {BUNDLE_NAME} nor a transformers config.json")
+    if not is_regular_file(path):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a FIFO, device or socket?)")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
@@ -331,36 +361,217 @@ class ExportedModel(nn.Module):
 
 
 _UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")
+#: Members of a .pt2 archive that torch reads as text or JSON, never as a pickle.
+_PT2_TEXT = ("archive_format", "archive_version", "version", "byteorder", "serialization_id")
+#: Functions a sympy expression in a .pt2 may call (sympy's own and torch's symbolic functions).
+_SYMPY_CALLS = {
+    "Symbol", "Integer", "Float", "Rational", "Max", "Min", "Abs", "Mod", "Pow", "Mul", "Add", "floor", "ceiling",
+    "sqrt", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "ITE",
+    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "LShift",
+    "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
+    "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "OpaqueUnaryFn_sqrt",
+}
+_SYMPY_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.Constant, ast.Name, ast.Call,
+                ast.keyword, ast.Load, ast.operator, ast.unaryop, ast.cmpop, ast.boolop, ast.Tuple)
+#: Python functions an exported graph may call besides torch operators (symbolic-shape arithmetic).
+_GRAPH_FUNCTIONS = {
+    *(getattr(operator, n) for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pos", "pow",
+                                     "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "abs")),
+    *(getattr(math, n) for n in ("ceil", "floor", "sqrt", "trunc")),
+    *(getattr(torch, n) for n in ("sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_not", "sym_sqrt",
+                                  "sym_sum") if hasattr(torch, n)),
+    torch._C._set_grad_enabled, torch.autograd.grad_mode.set_grad_enabled,
+}
 
 
-def _check_pt2_payloads(source, what: str) -> None:
-    """Refuse a .pt2 whose loading would unpickle anything beyond plain tensors."""
-    with zipfile.ZipFile(source) as zf:
-        for name in zf.namelist():
+def _arithmetic_expression(text: str) -> bool:
+    """Whether ``text`` is a sympy expression made of numbers, names, operators and calls of
+    known sympy/torch functions only: nothing that could reach Python's attributes or builtins."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
+        return False
+    for node in ast.walk(tree):
+        if not isinstance(node, _SYMPY_NODES):
+            return False
+        if isinstance(node, ast.Name) and node.id.startswith("_"):
+            return False
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS):
+            return False
+        if isinstance(node, ast.keyword) and (node.arg is None or not isinstance(node.value, ast.Constant)):
+            return False
+    return True
+
+
+def _safe_target(text: str) -> bool:
+    """Whether a serialized node target names a torch operator or plain arithmetic."""
+    parts = text.split(".")
+    if any(not p or p.startswith("__") for p in parts):
+        return False
+    if text.startswith("torch.ops."):
+        return len(parts) in (4, 5)
+    if parts[0] in ("_operator", "math"):
+        return len(parts) == 2
+    return text.startswith("torch.sym_") and len(parts) == 2
+
+
+def _json_values(obj, key: str):
+    """Every value stored under ``key`` anywhere in a parsed JSON document."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if k == key:
+                    yield v
+                stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _refuse_pickle(what: str, member: str) -> CheckpointError:
+    return CheckpointError(f"{what} holds pickled Python objects ({member}); ddtool loads weights only. "
+                           "Pass --trust-checkpoint if you trust whoever made this file")
+
+
+def _check_pt2_archive(source, what: str) -> None:
+    """Refuse a .pt2 whose loading would unpickle anything but plain tensors or call anything
+    but torch operators: every member torch may unpickle must pass the weights-only rules, and
+    the graph's targets and symbolic expressions must be operators and arithmetic."""
+    try:
+        zf = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise CheckpointError(f"{what} is a damaged or truncated zip archive") from None
+    with zf:
+        names = zf.namelist()
+        raw: set[str] = set()  # payloads torch reads as raw tensor bytes
+        for name in names:
             if name.endswith("_config.json") and ("/weights/" in name or "/constants/" in name):
-                config = json.loads(zf.read(name)).get("config", {})
-                for key, meta in config.items():
-                    if meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(_UNSAFE_PT2_PREFIXES):
-                        raise CheckpointError(f"{what} stores {key!r} as a pickled object; ddtool loads weights only "
-                                              "(pass --trust-checkpoint if you trust whoever made it)")
-            elif "/sample_inputs/" in name and name.endswith(".pt"):
-                _torch_load(io.BytesIO(zf.read(name)), f"{what} (its sample inputs)")
+                config = _json_member(zf, name, what).get("config", {})
+                for key, meta in (config.items() if isinstance(config, dict) else ()):
+                    path_name = str(meta.get("path_name", "")) if isinstance(meta, dict) else ""
+                    if path_name.startswith(_UNSAFE_PT2_PREFIXES):
+                        raise _refuse_pickle(what, f"{key!r} is a scripted or opaque object")
+                    if isinstance(meta, dict) and not meta.get("use_pickle"):
+                        raw.add(name.rpartition("/")[0] + "/" + path_name)
+        for name in names:
+            base = name.rpartition("/")[2]
+            if "/aotinductor/" in f"/{name}":
+                raise CheckpointError(f"{what} holds compiled native code (AOTInductor, {name}), which loading would run; "
+                                      "refused (pass --trust-checkpoint if you trust whoever made this file)")
+            if name.endswith("/") or name in raw or base in _PT2_TEXT or "/extra/" in name:
+                continue
+            if name.endswith(".json"):
+                doc = _json_member(zf, name, what)
+                bad = next((t for t in _json_values(doc, "target") if isinstance(t, str) and not _safe_target(t)), None)
+                if bad is not None:
+                    raise CheckpointError(f"{what} calls {bad[:80]!r}, which is not a torch operator; refused "
+                                          "(pass --trust-checkpoint if you trust whoever made this file)")
+                expr = next((e for e in _json_values(doc, "expr_str") if isinstance(e, str) and not _arithmetic_expression(e)), None)
+                if expr is not None:
+                    raise CheckpointError(f"{what} holds a symbolic expression that is not arithmetic ({expr[:60]!r}); "
+                                          "refused, since parsing it would run Python code")
+                continue
+            _torch_load(io.BytesIO(zf.read(name)), f"{what} (its member {name})")  # weights-only rules
 
 
-def _load_exported(source, what: str, trust: bool) -> tuple[ExportedModel, Any]:
+def _json_member(zf: zipfile.ZipFile, name: str, what: str):
+    try:
+        return json.loads(zf.read(name))
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{what} is damaged: its member {name} is not JSON") from None
+
+
+class _Refused(Exception):
+    """Raised inside torch when a guarded load reaches something ddtool does not allow."""
+
+
+@contextlib.contextmanager
+def code_free_loading() -> Any:
+    """Load archives so that nothing can run: ``torch.load`` is held to ``weights_only=True``,
+    pickle's ``load`` and ``loads`` and TorchScript object unpickling refuse, ``sympy.sympify`` (which
+    evaluates Python) accepts arithmetic only, and AOTInductor's compiled libraries are not
+    loaded. The guard holds for the block only."""
+    import sympy
+
+    real_load, real_sympify = torch.load, sympy.sympify
+
+    def weights_only(f, *args, **kwargs):
+        kwargs.pop("pickle_module", None)
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    def refuse(*_args, **_kwargs):
+        raise _Refused("a pickled object")
+
+    def checked_sympify(a, *args, **kwargs):
+        if isinstance(a, str) and not _arithmetic_expression(a):
+            raise _Refused(f"a symbolic expression that is not arithmetic ({a[:60]!r})")
+        return real_sympify(a, *args, **kwargs)
+
+    from torch.export.pt2_archive import _package
+
+    def no_native_code(*_args, **_kwargs):
+        raise _Refused("compiled native code (AOTInductor)")
+
+    patches = [(torch, "load", weights_only), (torch.serialization, "load", weights_only), (pickle, "load", refuse),
+               (pickle, "loads", refuse), (torch._C, "_pickle_load_obj", refuse), (sympy, "sympify", checked_sympify),
+               (_package, "_load_aoti", no_native_code)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def _check_graph_targets(module: nn.Module, what: str) -> None:
+    """Every node of every graph in ``module`` calls a torch operator or plain arithmetic."""
+    from torch.fx import GraphModule
+
+    for sub in module.modules():
+        if not isinstance(sub, GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            target = node.target
+            ok = node.op == "call_function" and (
+                isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator))
+                or any(target is f for f in _GRAPH_FUNCTIONS))
+            if node.op == "call_module":
+                ok = isinstance(sub.get_submodule(str(target)), GraphModule)
+            if not ok:
+                raise CheckpointError(f"{what} calls {getattr(target, '__name__', target)!s:.80}, which is not a torch "
+                                      "operator; refused (pass --trust-checkpoint if you trust whoever made this file)")
+
+
+def _load_exported(source, what: str, trust: bool, require_dropout_ops: bool = True) -> tuple[ExportedModel, Any]:
     if not trust:
-        _check_pt2_payloads(source, what)
+        _check_pt2_archive(source, what)
         if hasattr(source, "seek"):
             source.seek(0)
+    guard = contextlib.nullcontext() if trust else code_free_loading()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), guard:
             warnings.simplefilter("ignore")
             program = torch.export.load(source)
+            module = program.module()
+    except _Refused as err:
+        raise CheckpointError(f"{what} holds {err}; ddtool loads weights only "
+                              "(pass --trust-checkpoint if you trust whoever made this file)") from None
     except Exception as err:  # noqa: BLE001
+        if isinstance(err.__context__, _Refused) or isinstance(err.__cause__, _Refused):
+            raise CheckpointError(f"{what} holds {err.__context__ or err.__cause__}; ddtool loads weights only "
+                                  "(pass --trust-checkpoint if you trust whoever made this file)") from None
         first = first_line(err)
         raise CheckpointError(f"{what} could not be loaded as a torch.export program: {first}") from None
-    model = ExportedModel(program.module())
-    if not model._dropout_nodes():
+    if not trust:  # the program's own graph; what unlifting adds (input guards) torch generates itself
+        _check_graph_targets(program.graph_module, what)
+    model = ExportedModel(module)
+    if require_dropout_ops and not model._dropout_nodes():
         raise CheckpointError(f"{what} has no dropout op left in its graph, so there is nothing to sample: "
                               "export the model with its dropout layers in place, or give its state dict and --arch")
     example = None
@@ -368,6 +579,25 @@ def _load_exported(source, what: str, trust: bool) -> tuple[ExportedModel, Any]:
         args, kwargs = program.example_inputs
         example = args[0] if len(args) == 1 and not kwargs else (kwargs if not args else tuple(args))
     return model, example
+
+
+def program_bytes(model: nn.Module, input_spec: dict | None) -> tuple[bytes | None, str]:
+    """A torch.export archive of ``model`` (in eval mode, batch axis dynamic) for a bundle, so that
+    using the bundle needs no architecture code; ``(None, why)`` if torch.export cannot trace it."""
+    if not input_spec:
+        return None, "no input shape recorded"
+    from .exporting import quiet_fds  # (a heavier module, needed only here)
+
+    was_training = model.training
+    try:
+        example = spec_example(input_spec)
+        with quiet_fds():
+            program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            return to_bytes(lambda buffer: torch.export.save(program, buffer)), ""
+    except Exception as err:  # noqa: BLE001 - tracing fails in many ways; the bundle stays usable with --arch
+        return None, first_line(err)[:200]
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -391,6 +621,16 @@ def _transformers():
     return transformers
 
 
+def _check_hf_config(config: dict, what: str) -> None:
+    """A transformers config may name an attention kernel on the Hub (``org/repo``), which would
+    be downloaded and run: refused, as ``trust_remote_code`` is."""
+    for key in ("attn_implementation", "_attn_implementation"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, str) and "/" in value:
+            raise CheckpointError(f"{what} asks for the attention kernel {value!r} from the Hub, which would run its "
+                                  "code; ddtool never runs remote code")
+
+
 def _hf_class(transformers, name: str):
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -401,17 +641,26 @@ def _hf_class(transformers, name: str):
 def _hf_from_config(class_name: str, config: dict) -> nn.Module:
     transformers = _transformers()
     cls = _hf_class(transformers, class_name)
-    return HFClassifier(cls(cls.config_class.from_dict(config)))
+    _check_hf_config(config, "the bundle's transformers config")
+
+    def build():
+        return HFClassifier(cls(cls.config_class.from_dict(config)))
+
+    require_fits(build, f"the {class_name} its config describes")
+    return build()
 
 
 def _load_hf(folder: Path) -> LoadedModel:
     transformers = _transformers()
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{folder}/config.json could not be read: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder}/config.json is not a JSON object")
+    _check_hf_config(config, f"{folder}/config.json")
     names = config.get("architectures") or []
-    if not names:
+    if not isinstance(names, list) or not names or not isinstance(names[0], str):
         raise CheckpointError(f"{folder}/config.json names no architecture ('architectures' is empty)")
     cls = _hf_class(transformers, names[0])
     try:
@@ -432,11 +681,23 @@ def _load_hf(folder: Path) -> LoadedModel:
 # --------------------------------------------------------------------------- the entry point
 def _resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if not path.is_dir() and not is_regular_file(path):
+            raise CheckpointError(f"checkpoint {path} is not a regular file (a FIFO, device or socket?)")
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {err.strerror or err}") from None
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"checkpoint {path} is not readable (permission denied)")
     return path
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse NaN or infinite weights (see :func:`ddtool.model.nonfinite_weights`)."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise CheckpointError(f"{what} holds {bad}; it cannot predict anything")
 
 
 def load_model(
@@ -444,25 +705,34 @@ def load_model(
 ) -> LoadedModel:
     """Load any supported checkpoint into an ``nn.Module`` in eval mode.
 
-    ``arch``/``arch_args`` are needed for a state dict or safetensors file; a bundle rebuilds the
-    architecture it recorded and uses them only if that architecture's file can no longer be
-    found. ``trust`` allows unpickling a full module (code from the file runs!).
+    ``arch``/``arch_args`` are needed for a state dict or safetensors file. A bundle whose
+    architecture is a factory uses it only if ``arch`` names that same factory (or ``trust``);
+    otherwise it uses its code-free program, or says which ``--arch`` to pass. ``trust`` allows
+    unpickling a full module and importing recorded code (code from the file runs!).
     """
     path = _resolve_checkpoint_path(path)
     fmt = sniff_format(path)
     if fmt == "ddtool-bundle-dir":
-        path, fmt = path / BUNDLE_NAME, sniff_format(path / BUNDLE_NAME)
+        path = _resolve_checkpoint_path(path / BUNDLE_NAME)
+        fmt = sniff_format(path)
+    loaded = _load(path, fmt, arch, arch_args, trust)
+    check_finite(loaded.model, f"checkpoint {path}")
+    return loaded
+
+
+def _load(path: Path, fmt: str, arch: str | None, arch_args: dict | None, trust: bool) -> LoadedModel:
     if fmt == "hf":
         return _load_hf(path)
-    digest = sha256(path)
     what = f"checkpoint {path}"
-    if fmt == "torchscript":
-        return LoadedModel(_load_torchscript(str(path), what).eval(), fmt, path, digest,
-                           arch_ref={"kind": "torchscript", "archive": _bytes_tensor(path.read_bytes())})
-    if fmt == "torch-export":
-        model, example = _load_exported(str(path), what, trust)
-        return LoadedModel(model.eval(), fmt, path, digest, example=example,
-                           arch_ref={"kind": "torch-export", "archive": _bytes_tensor(path.read_bytes())})
+    if fmt in ("torchscript", "torch-export"):
+        data = path.read_bytes()  # read once: what is checked is what is loaded
+        digest = hashlib.sha256(data).hexdigest()
+        ref = {"kind": fmt, "archive": _bytes_tensor(data)}
+        if fmt == "torchscript":
+            return LoadedModel(_load_torchscript(io.BytesIO(data), what).eval(), fmt, path, digest, arch_ref=ref)
+        model, example = _load_exported(io.BytesIO(data), what, trust)
+        return LoadedModel(model.eval(), fmt, path, digest, example=example, arch_ref=ref)
+    digest = sha256(path)
     if fmt == "safetensors":
         obj = _load_safetensors(path)
     else:
@@ -475,7 +745,10 @@ def load_model(
             ref = {"kind": "pickled-module", "path": str(path.resolve()), "sha256": digest}
             return LoadedModel(model.eval(), "pickled-module", path, digest, arch_ref=ref)
         if isinstance(obj, dict) and obj.get(BUNDLE_KEY):
-            return _load_bundle(obj, path, digest, arch, arch_args, trust)
+            try:
+                return _load_bundle(obj, path, digest, arch, trust)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+                raise CheckpointError(f"{path} is a damaged ddtool bundle ({type(err).__name__}: {err})") from None
         fmt = "state-dict"
     state = extract_state_dict(obj)
     if not arch:
@@ -487,20 +760,71 @@ def load_model(
     return LoadedModel(model.eval(), fmt, path, digest, arch_ref=factory_ref(arch, arch_args))
 
 
-def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, arch_args: dict | None, trust: bool) -> LoadedModel:
+def _check_bundle(obj: dict, path: Path) -> None:
+    """The fields of a bundle have the types ddtool writes (it is a file like any other)."""
+    def bad(field: str):
+        return CheckpointError(f"{path} is a damaged ddtool bundle: its {field!r} field is malformed")
+
+    if not isinstance(obj.get("arch"), dict) or not isinstance(obj["arch"].get("kind"), str):
+        raise bad("arch")
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise bad("state_dict")
+    spec = obj.get("input")
+    if spec is not None:
+        dtype = getattr(torch, str(spec.get("dtype")), None) if isinstance(spec, dict) else None
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or not shape \
+                or not all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape) or math.prod(shape) > 1 << 28:
+            raise bad("input")
+    classes = obj.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise bad("classes")
+    for key in ("preprocess", "provenance"):
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            raise bad(key)
+    if obj.get("preprocess") is not None:
+        try:
+            Preprocess.from_dict(obj["preprocess"])
+        except Exception:  # noqa: BLE001 - any malformed field
+            raise bad("preprocess") from None
+    if obj.get("program") is not None and not (isinstance(obj["program"], torch.Tensor) and obj["program"].dtype == torch.uint8):
+        raise bad("program")
+
+
+def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, trust: bool) -> LoadedModel:
     if obj.get(BUNDLE_KEY) != BUNDLE_VERSION:
         raise CheckpointError(f"{path} is a ddtool bundle of version {obj.get(BUNDLE_KEY)}; this ddtool reads {BUNDLE_VERSION}")
-    ref = stand_in(obj["arch"], arch, arch_args)  # the recorded file moved: the user's --arch stands in
-    model = build_from_ref(ref, trust)
-    load_state_dict_into(model, obj["state_dict"], ref.get("spec") or ref.get("kind"))
+    _check_bundle(obj, path)
+    ref = obj["arch"]
+    factory = factory_of(ref)
+    model = None
+    if factory is not None and not trust:
+        if arch and same_factory(factory, arch):
+            ref = with_factory(ref, factory_ref(arch, factory.get("args")))  # the user's file, the bundle's args
+        elif obj.get("program") is not None:
+            model, _ = _load_exported(io.BytesIO(_tensor_bytes(obj["program"])), f"the program in {path}", False,
+                                      require_dropout_ops=False)
+            load_state_dict_into(model.program, obj["state_dict"], "the bundle's program")
+            ref = {"kind": "torch-export", "archive": obj["program"]}
+        else:
+            given = f" (--arch {arch} is another factory)" if arch else ""
+            raise CheckpointError(f"{path} holds no code-free program, and its architecture {factory.get('spec')!s:.200} is "
+                                  f"code that would run: if you trust that code, pass --arch {arch_hint(factory)!s:.300}"
+                                  f"{given} (or --trust-checkpoint)")
+    if model is None:
+        try:
+            model = build_from_ref(ref, trust)
+        except UsageError as err:  # the bundle's own arguments: a checkpoint error, not the user's option
+            raise CheckpointError(f"{path}: {err}") from None
+        load_state_dict_into(model, obj["state_dict"], ref.get("spec") or ref.get("kind"))
     spec = obj.get("input")
     example = spec_example(spec) if spec else None
     return LoadedModel(model.eval(), "ddtool-bundle", path, digest, arch_ref=ref, preprocess=obj.get("preprocess"),
                        provenance=obj.get("provenance"), example=example, input_spec=spec, classes=obj.get("classes"))
 
 
-def save_bundle(
-    path: str | os.PathLike,
+def bundle_bytes(
     model: nn.Module,
     *,
     arch_ref: dict,
@@ -508,10 +832,14 @@ def save_bundle(
     input_spec: dict | None = None,
     classes: list[str] | None = None,
     provenance: dict | None = None,
-    force: bool = False,
-) -> Path:
-    """Write ``model`` as a ddtool bundle, atomically. ``input_spec`` is {"shape", "dtype"} of
-    the model's input without the batch axis (see ``ddtool.data.input_spec``)."""
+    program: bool = True,
+) -> bytes:
+    """``model`` as a ddtool bundle, serialized in memory (see :func:`save_bundle`).
+
+    When the architecture is Python code (a factory), a torch.export program of the model is
+    stored too (``program``), so that using the bundle needs no code; if torch.export cannot
+    trace the model, a note says that using the bundle will need ``--arch``.
+    """
     bundle = {
         BUNDLE_KEY: BUNDLE_VERSION,
         "arch": arch_ref,
@@ -525,6 +853,32 @@ def save_bundle(
             **(provenance or {}),
         },
     }
-    with atomic_output(path, force) as tmp:
-        torch.save(bundle, tmp)
+    factory = factory_of(arch_ref)
+    if program and factory is not None:
+        data, why = program_bytes(model, input_spec)
+        if data is None:
+            print(f"note: the bundle holds no code-free program (torch.export: {why}); using it will need "
+                  f"--arch {factory.get('spec')}", file=sys.stderr)
+        else:
+            bundle["program"] = _bytes_tensor(data)
+    return to_bytes(lambda buffer: torch.save(bundle, buffer))
+
+
+def save_bundle(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    force: bool = False,
+    outputs: Outputs | None = None,
+    **fields,
+) -> Path:
+    """Write ``model`` as a ddtool bundle, atomically (into ``outputs``, if given, to be moved into
+    place with the rest of a set of outputs). ``fields`` are those of :func:`bundle_bytes`:
+    ``arch_ref``, ``preprocess``, ``input_spec`` ({"shape", "dtype"} of the model's input without
+    the batch axis, see ``ddtool.data.input_spec``), ``classes``, ``provenance``, ``program``."""
+    data = bundle_bytes(model, **fields)
+    if outputs is not None:
+        outputs.write(path, data)
+    else:
+        write_bytes(path, data, force)
     return Path(path)

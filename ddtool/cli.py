@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,52 +21,101 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .arch import parse_arch_args
-from .checkpoint import BUNDLE_NAME, load_model
+from .checkpoint import BUNDLE_NAME
 from .compress import parse_shrink
-from .data import read_folder
 from .distillation import DistillConfig
-from .errors import EXIT_INTERRUPTED, DDToolError, UsageError, first_line
-from .exporting import FORMATS, export_loaded
-from .files import check_output
+from .errors import EXIT_INTERRUPTED, DDToolError, UsageError
+from .exporting import FORMATS
+from .files import json_safe
+from .limits import is_out_of_memory, require
 from .outputs import parse_select
-from .pipeline import distill_to_folder, evaluate_folder, inspect_checkpoint
-from .predict import load_predictor, parse_classes, predict as run_predict, write_predictions
+from .pipeline import distill_to_folder, evaluate_folder, export_checkpoint, inspect_checkpoint, predict_folder
 from .version import __version__
+
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line without terminal control sequences (colours, cursor moves, newlines)."""
+    return " ".join(_CONTROL.sub(" ", str(text)).split())
+
+
+class PlainErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option, a value out of range, a missing argument) as one
+    ``error:`` line on stderr with exit code 2, like every other error, instead of a coloured box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as err:  # click's own exceptions (typer vendors click: matched by their methods)
+            if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+                raise
+            command = getattr(getattr(err, "ctx", None), "command_path", None) or "ddtool"
+            print(f"error: {one_line(err.format_message())} (see '{command} --help')", file=sys.stderr)
+            if standalone_mode:
+                sys.exit(err.exit_code)
+            raise
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
 
 app = typer.Typer(
     help="Distill a network trained with dropout into a deterministic one that predicts like its MC-dropout ensemble.",
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=PlainErrors,
 )
 # Piped output (CI logs, files) gets wide tables rather than rich's 80-column default.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 _debug = False
 
+
+def _floats_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """A typer callback: the value is a finite number in [lo, hi] (open ends as asked)."""
+    def check(value):
+        if value is None:
+            return value
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise typer.BadParameter(f"{value} is not a finite number in {'(' if lo_open else '['}{lo:g}, "
+                                     f"{hi:g}{')' if hi_open else ']'}")
+        return value
+    return check
+
+
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 1_000_000
+
 # ----------------------------------------------------------------------------- shared options
 Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint: state dict (+ --arch), TorchScript archive, or ddtool bundle / distill --out folder.", show_default=False, readable=False)]
 Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state dict: path/to/file.py:factory or package.module:factory.")]
 ArchArgs = Annotated[Optional[str], typer.Option("--arch-args", help="Keyword arguments for the --arch factory, as a JSON object.")]
 Data = Annotated[Path, typer.Option("--data", help="Folder of inputs (images, searched recursively; class subfolders = labels).", show_default=False, readable=False)]
-Channels = Annotated[Optional[int], typer.Option("--channels", help="Input channels: 1 (grayscale) or 3 (RGB). Default: the bundle's, else the first conv's.")]
+Channels = Annotated[Optional[int], typer.Option("--channels", min=1, max=3, help="Input channels: 1 (grayscale) or 3 (RGB). Default: the bundle's, else the first conv's.")]
 Size = Annotated[Optional[str], typer.Option("--size", help="Resize inputs to H,W. Default: the bundle's, else each image's own size.")]
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted from [0,1] pixels, comma-separated. Default: bundle's, else 0.")]
 Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std dividing [0,1] pixels, comma-separated. Default: bundle's, else 1.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace outputs that already exist.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for dropout masks, data order and perturbations.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for dropout masks, data order and perturbations.")]
 Trust = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickled full module (torch.save(model)); this runs code from the file.")]
 SampleDropPath = Annotated[bool, typer.Option("--sample-drop-path/--no-sample-drop-path", help="Also sample DropPath / stochastic depth in MC mode (default: off, reported only).")]
 Output = Annotated[Optional[str], typer.Option("--output", help="Which model output is the prediction: a name or an index. Default: logits, else the first tensor.")]
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W (or any comma-separated dims).")]
+FollowOutside = Annotated[bool, typer.Option("--follow-outside", help="Follow symlinks in --data that lead outside it (default: reported and skipped).")]
+Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and abs(v) <= 1e6 for v in values):
+        raise UsageError(f"{name} must be finite numbers (at most 1e6 in size), got {text!r}")
+    return values
 
 
 def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | None:
@@ -75,9 +126,10 @@ def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | N
         values = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         values = ()
-    if not values or (count and len(values) != count) or min(values) < 1:
-        what = f"{count} positive integers" if count else "positive integers"
+    if not values or (count and len(values) != count) or min(values) < 1 or len(values) > 8:
+        what = f"{count} positive integers" if count else "positive integers (at most 8)"
         raise UsageError(f"{name} must be {what} separated by commas, got {text!r}")
+    require(4 * math.prod(values), f"{name} {text}: one input", "give a smaller shape")
     return values
 
 
@@ -88,7 +140,7 @@ def _preprocess(channels, size, mean, std) -> dict:
 
 
 def _emit_json(doc: dict) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -105,7 +157,7 @@ def handles_errors(fn):
         except DDToolError as err:
             if _debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
@@ -115,7 +167,11 @@ def handles_errors(fn):
         except Exception as err:  # noqa: BLE001 - a bug in ddtool, not the user's doing
             if _debug:
                 raise
-            print(f"error: internal error: {type(err).__name__}: {first_line(err)} (rerun with --debug for the traceback)",
+            if is_out_of_memory(err):
+                print(f"error: out of memory ({one_line(err)[:120]}); lower --batch-size, --teacher-samples or --size",
+                      file=sys.stderr)
+                raise typer.Exit(UsageError.exit_code) from None
+            print(f"error: internal error: {type(err).__name__}: {one_line(err)} (rerun with --debug for the traceback)",
                   file=sys.stderr)
             raise typer.Exit(1) from None
 
@@ -150,12 +206,13 @@ def inspect(
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     as_json: Json = False,
 ) -> None:
     """List every dropout site (name, kind, p, how it was found, calls per forward pass)."""
     found = inspect_checkpoint(checkpoint, arch, parse_arch_args(arch_args), input_shape=_ints(input_shape, "--input-shape", None),
                                data=data, sample_drop_path=sample_drop_path, trust=trust_checkpoint,
-                               **_preprocess(channels, size, mean, std))
+                               follow_outside=follow_outside, **_preprocess(channels, size, mean, std))
     if as_json:
         _emit_json(found.as_dict())
     else:
@@ -222,32 +279,33 @@ def distill(
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="A smaller student network (file.py:factory); tensors matching the teacher's are copied in.")] = None,
     student_arch_args: Annotated[Optional[str], typer.Option("--student-arch-args", help="Keyword arguments for --student-arch, as a JSON object.")] = None,
     shrink: Annotated[Optional[list[str]], typer.Option("--shrink", help="LAYER=FRACTION: keep the strongest units of a Linear/Conv layer and slice the next; repeatable.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
-    lr: Annotated[float, typer.Option(help="Base learning rate.")] = DistillConfig.lr,
-    lr_drop_epoch: Annotated[int, typer.Option(help="Epochs at the base rate: epochs 1..N use lr, the later ones lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
+    epochs: Annotated[int, typer.Option(min=1, max=100_000, help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
+    lr: Annotated[float, typer.Option(callback=_floats_in(0, 10, lo_open=True), help="Base learning rate, in (0, 10].")] = DistillConfig.lr,
+    lr_drop_epoch: Annotated[int, typer.Option(min=0, max=100_000, help="Epochs at the base rate: epochs 1..N use lr, the later ones lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
     optimizer: Annotated[str, typer.Option(help="sgd (with momentum, the paper's) or adam.")] = DistillConfig.optimizer,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = DistillConfig.momentum,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = DistillConfig.weight_decay,
-    batch_size: Annotated[int, typer.Option(help="Inputs per step.")] = DistillConfig.batch_size,
-    teacher_samples: Annotated[int, typer.Option(help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
+    momentum: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="SGD momentum, in [0, 1).")] = DistillConfig.momentum,
+    weight_decay: Annotated[float, typer.Option(callback=_floats_in(0, 10), help="L2 weight decay, in [0, 10].")] = DistillConfig.weight_decay,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Inputs per step.")] = DistillConfig.batch_size,
+    teacher_samples: Annotated[int, typer.Option(min=1, max=10_000, help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
     loss: Annotated[str, typer.Option(help="kl (classifiers) or mse (regression outputs).")] = DistillConfig.loss,
-    class_dim: Annotated[int, typer.Option(help="Class axis of the output; KL is taken per position along it.")] = DistillConfig.class_dim,
-    perturb: Annotated[float, typer.Option(help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
+    class_dim: Annotated[int, typer.Option(min=-8, max=8, help="Class axis of the output; KL is taken per position along it.")] = DistillConfig.class_dim,
+    perturb: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
     flip: Annotated[str, typer.Option(help="Random image flips: '' (none), h, v or hv.")] = DistillConfig.flip,
-    val_fraction: Annotated[float, typer.Option(help="Share of inputs held out to measure fidelity (KL to MC) each epoch; 0 = none.")] = DistillConfig.val_fraction,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
+    val_fraction: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Share of inputs held out to measure fidelity (KL to MC) each epoch; 0 = none.")] = DistillConfig.val_fraction,
+    patience: Annotated[int, typer.Option(min=0, max=100_000, help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
     seed: Seed = DistillConfig.seed,
     output: Output = None,
     sample_drop_path: SampleDropPath = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")] = DistillConfig.device,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student (slow to start; the teacher samples eagerly).")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
-    cache_mb: Annotated[float, typer.Option(help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
+    workers: Annotated[Optional[int], typer.Option(min=0, max=64, help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
+    cache_mb: Annotated[float, typer.Option(callback=_floats_in(0, 1e9), help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
     export_formats: Annotated[Optional[str], typer.Option("--export", help="Also export and verify: onnx, torchscript, pt2, comma-separated (OUT/model.onnx, ...).")] = None,
     classes: Classes = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -264,9 +322,10 @@ def distill(
     try:
         result = distill_to_folder(
             checkpoint, data, out_dir, config, arch=arch, arch_args=parse_arch_args(arch_args),
-            student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args), shrink=parse_shrink(shrink),
-            classes=parse_classes(classes), export=formats, cache_mb=cache_mb, workers=workers, resume=resume,
-            trust=trust_checkpoint, force=force, progress=progress, **_preprocess(channels, size, mean, std))
+            student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args, "--student-arch-args"),
+            shrink=parse_shrink(shrink), classes=classes, export=formats, cache_mb=cache_mb, workers=workers,
+            resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
+            **_preprocess(channels, size, mean, std))
     finally:
         progress.close()
     _report_distilled(result, as_json)
@@ -296,17 +355,19 @@ def evaluate(
     distilled: Annotated[Optional[list[Path]], typer.Option("--distilled", help="A distilled model (bundle or distill --out folder) to compare; repeatable.")] = None,
     arch: Arch = None,
     arch_args: ArchArgs = None,
-    mc_samples: Annotated[int, typer.Option(help="m: masked forward passes averaged by MC dropout.")] = 100,
-    repeats: Annotated[int, typer.Option(help="Draw the MC reference this many times (new seed each) and report mean ± std.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass for the metrics and the throughput.")] = 256,
+    mc_samples: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="m: masked forward passes averaged by MC dropout.")] = 100,
+    repeats: Annotated[int, typer.Option(min=1, max=10_000, help="Draw the MC reference this many times (new seed each) and report mean ± std.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Inputs per forward pass for the metrics and the throughput.")] = 256,
     timing: Annotated[bool, typer.Option("--timing/--no-timing", help="Measure batch-1 latency (default: on).")] = True,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: error with error bars per method, and a reliability diagram.", readable=False)] = None,
     seed: Seed = 0,
     output: Output = None,
-    class_dim: Annotated[Optional[int], typer.Option(help="Class axis of the output; other axes are positions compared one by one. Default: the distilled bundle's, else 1.")] = None,
+    class_dim: Annotated[Optional[int], typer.Option(min=-8, max=8, help="Class axis of the output; other axes are positions compared one by one. Default: the distilled bundle's, else 1.")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="The model's class names in output order (comma-separated or a file): class folders are matched to them by name. Default: a bundle's.")] = None,
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -314,7 +375,8 @@ def evaluate(
     report = evaluate_folder(checkpoint, data, distilled or [], arch=arch, arch_args=parse_arch_args(arch_args),
                              mc_samples=mc_samples, repeats=repeats, batch_size=batch_size, timing=timing, seed=seed,
                              select=parse_select(output), sample_drop_path=sample_drop_path, trust=trust_checkpoint,
-                             plot_to=plot, force=force, class_dim=class_dim, **_preprocess(channels, size, mean, std))
+                             plot_to=plot, force=force, class_dim=class_dim, classes=classes, follow_outside=follow_outside,
+                             **_preprocess(channels, size, mean, std))
     if as_json:
         _emit_json(report.as_dict())
         return
@@ -345,8 +407,7 @@ def evaluate(
 
 # ----------------------------------------------------------------------------- export
 Probabilities = Annotated[bool, typer.Option("--probabilities", help="ONNX/TorchScript/pt2: add a softmax 'probabilities' output to the graph.")]
-Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
-Atol = Annotated[float, typer.Option(help="Largest absolute difference from PyTorch allowed in the parity check.")]
+Atol = Annotated[float, typer.Option(callback=_floats_in(0, 1e6), help="Largest absolute difference from PyTorch allowed in the parity check.")]
 
 
 def _parse_formats(text: str) -> list[str]:
@@ -367,7 +428,7 @@ def export(
     arch_args: ArchArgs = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W. Default: the bundle's.")] = None,
     atol: Atol = 1e-4,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset version. Default: the exporter's.")] = None,
+    opset: Annotated[Optional[int], typer.Option(min=7, max=100, help="ONNX opset version. Default: the exporter's.")] = None,
     external_data: Annotated[bool, typer.Option("--external-data", help="ONNX: keep the weights in FILE.data beside the graph (for models over 2 GB).")] = False,
     script: Annotated[bool, typer.Option("--script", help="TorchScript: torch.jit.script instead of tracing.")] = False,
     probabilities: Probabilities = False,
@@ -381,12 +442,10 @@ def export(
     fmt = _parse_formats(fmt)
     if len(fmt) != 1:
         raise UsageError("export writes one format per --out; run it once per format")
-    check_output(out_file, force)
-    loaded = load_model(model, arch=arch, arch_args=parse_arch_args(arch_args), trust=trust_checkpoint)
-    result = export_loaded(loaded, out_file, fmt[0], input_shape=_ints(input_shape, "--input-shape", None),
-                           classes=parse_classes(classes), atol=atol, force=force, opset=opset,
-                           external_data=external_data, script=script, probabilities=probabilities,
-                           select=parse_select(output))
+    result = export_checkpoint(model, out_file, fmt[0], arch=arch, arch_args=parse_arch_args(arch_args),
+                               input_shape=_ints(input_shape, "--input-shape", None), classes=classes,
+                               trust=trust_checkpoint, force=force, atol=atol, opset=opset, external_data=external_data,
+                               script=script, probabilities=probabilities, select=parse_select(output))
     if as_json:
         _emit_json(result.as_dict())
     else:
@@ -405,35 +464,30 @@ def predict(
     model: Annotated[Path, typer.Argument(help="An exported .onnx (run in onnxruntime), TorchScript or .pt2 file, or any checkpoint ddtool reads.", show_default=False, readable=False)],
     data: Data,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write predictions to FILE.csv or FILE.json instead of printing them.", readable=False)] = None,
-    top_k: Annotated[int, typer.Option(help="Classes reported per input.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass.")] = 256,
+    top_k: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Classes reported per input.")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Inputs per forward pass.")] = 256,
     arch: Arch = None,
     arch_args: ArchArgs = None,
     classes: Classes = None,
     output: Output = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Predict the top-k classes of every input in a folder, with the model's own preprocessing."""
-    if out_file is not None:
-        check_output(out_file, force)
-    predictor = load_predictor(model, arch, parse_arch_args(arch_args), trust_checkpoint, parse_select(output),
-                               parse_classes(classes), channels=channels, size=_ints(size, "--size", 2),
-                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
-    inputs = read_folder(data, predictor.preprocess, labelled=False)
-    rows = run_predict(predictor, inputs, top_k, batch_size)
-    if out_file is not None:
-        write_predictions(rows, out_file, force)
-        if as_json:
-            _emit_json({"predictions": str(out_file), "inputs": len(rows), "runtime": predictor.runtime})
-        else:
-            out.print(f"wrote {len(rows)} predictions ({predictor.runtime}) to {out_file}")
-    elif as_json:
-        _emit_json({"runtime": predictor.runtime, "predictions": rows})
+    found = predict_folder(model, data, out_file, top_k=top_k, batch_size=batch_size, arch=arch,
+                           arch_args=parse_arch_args(arch_args), classes=classes, select=parse_select(output),
+                           trust=trust_checkpoint, follow_outside=follow_outside, force=force,
+                           **_preprocess(channels, size, mean, std))
+    rows = found.rows
+    if as_json:
+        _emit_json(found.as_dict())
+    elif out_file is not None:
+        out.print(f"wrote {len(rows)} predictions ({found.runtime}) to {out_file}")
     else:
-        table = Table(title=f"{data}: {len(rows)} inputs, {predictor.runtime}")
+        table = Table(title=f"{data}: {len(rows)} inputs, {found.runtime}")
         table.add_column("file", overflow="fold")
         table.add_column("top classes (probability)")
         for r in rows:

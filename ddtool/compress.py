@@ -10,7 +10,8 @@ Two ways to get a student smaller than the teacher, both initialised from the te
   feeding it and of the weights it feeds, so a unit that is either silent or ignored goes first.
 
 A shrunk student is recorded in the bundle as its teacher's architecture plus the kept unit
-counts, so it rebuilds without extra flags.
+counts: it rebuilds from the teacher's ``--arch`` named again (the bundle's program, which needs
+no code, serves without it).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def shrink(model: nn.Module, keep: dict[str, int], by_strength: bool = True) -> 
     for name, k in keep.items():
         layer = _layer(model, name)
         units = _units(layer)
+        if not isinstance(k, int) or not 0 < k <= units:
+            raise UsageError(f"--shrink {name}: cannot keep {k!r} of its {units} units")
         norms, next_name, spatial = _following(model, name)
         nxt = model.get_submodule(next_name)
         if by_strength:

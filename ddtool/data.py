@@ -22,21 +22,27 @@ a larger one is streamed through DataLoader workers every epoch and never held w
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import math
 import os
+import re
+import stat
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from .errors import DataError, UsageError
+from .files import display_path, inside
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 ARRAY_EXTS = (".npy", ".npz", ".pt")
 #: Above this share of unreadable files a folder is refused rather than read partially.
 MAX_BAD_SHARE = 0.1
@@ -65,6 +71,13 @@ class Preprocess:
             raise UsageError("std values must be positive")
         if self.size is not None:
             self.size = (int(self.size[0]), int(self.size[1]))
+            if min(self.size) < 1:
+                raise UsageError(f"--size must be positive, not {self.size[0]},{self.size[1]}")
+            from .limits import require
+
+            # two inputs, decoded (1 byte a value) and as floats (4): the least any command holds
+            require(2 * 5 * self.channels * self.size[0] * self.size[1], f"--size {self.size[0]},{self.size[1]}",
+                    "give a smaller --size")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -124,26 +137,109 @@ def resolve_preprocess(
 
 
 # --------------------------------------------------------------------------- listing
-def _is_input(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS + ARRAY_EXTS and not path.name.startswith(".") and path.is_file()
+@dataclass(frozen=True)
+class Unused:
+    """An entry of a folder that was not used as an input, and why."""
+
+    path: Path
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"path": display_path(self.path), "reason": self.reason}
 
 
-def list_inputs(root: Path) -> list[Path]:
-    """Every input file under ``root``, recursively, in a stable order (hidden folders skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(p for p in (Path(dirpath) / f for f in sorted(filenames)) if _is_input(p))
-    return found
+def _errno_reason(err: OSError) -> str:
+    if err.errno == errno.ENAMETOOLONG:
+        return "path too long for the file system"
+    if err.errno == errno.ELOOP:
+        return "symlink loop"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "not readable (permission denied)"
+    return f"cannot be read ({err.strerror or err})"
 
 
-def _class_dirs(root: Path) -> list[Path] | None:
-    entries = list(root.iterdir())
-    subdirs = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
-    if not subdirs or any(_is_input(p) for p in entries):
-        return None
-    with_inputs = [d for d in subdirs if list_inputs(d)]
-    return with_inputs if len(with_inputs) >= 2 else None
+def _entry(path: Path, root: Path, root_real: str, follow_outside: bool) -> tuple[os.stat_result | None, str | None]:
+    """The status of a folder entry (following symlinks), or the reason it is not looked into:
+    hidden, a broken symlink or a loop, unreadable, a symlink leading outside ``root``."""
+    if path.name.startswith("."):
+        return None, "hidden folder (not searched)" if os.path.isdir(path) else "hidden file"
+    try:
+        is_link = os.path.islink(path)
+        if is_link and not os.path.exists(path):
+            os.stat(path)  # raises the reason: a loop, or a missing target
+            raise FileNotFoundError(errno.ENOENT, "no target")
+        st = os.stat(path)
+    except OSError as err:
+        return None, "broken symlink" if err.errno == errno.ENOENT else _errno_reason(err)
+    if is_link and not follow_outside and not inside(os.path.realpath(path), root_real):
+        return None, f"symlink leads outside {root} (pass --follow-outside to read it)"
+    return st, None
+
+
+def _file_reason(path: Path, st: os.stat_result) -> str | None:
+    """Why a file that is not a folder is not an input, if it is not."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a FIFO, device or socket)"
+    if path.suffix.lower() not in IMAGE_EXTS + ARRAY_EXTS:
+        return "not an input type"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
+def walk_inputs(root: Path, follow_outside: bool = False) -> tuple[list[Path], list[Unused]]:
+    """Every input file under ``root`` (recursively, in a stable order), and every entry that is
+    not one, with the reason: hidden, not an input type, unreadable, a broken symlink or a loop,
+    a symlink leading outside ``root`` (unless ``follow_outside``), not a regular file, a file
+    already reached through another path.
+
+    Symlinks are followed, to folders too; a folder is searched once however many links lead to
+    it, so a loop ends.
+    """
+    root_real = os.path.realpath(root)
+    found: list[Path] = []
+    unused: list[Unused] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: dict[tuple[int, int], Path] = {}
+    try:
+        st = os.stat(root)
+        seen_dirs.add((st.st_dev, st.st_ino))
+    except OSError as err:
+        return [], [Unused(root, _errno_reason(err))]
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                names = sorted(entry.name for entry in it)
+        except OSError as err:
+            unused.append(Unused(folder, "folder " + _errno_reason(err)))
+            continue
+        subfolders = []
+        for path in (folder / name for name in names):
+            st, reason = _entry(path, root, root_real, follow_outside)
+            ident = None if st is None else (st.st_dev, st.st_ino)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                if ident not in seen_dirs:
+                    seen_dirs.add(ident)
+                    subfolders.append(path)
+                    continue
+                reason = "folder already searched through another path (a symlink loop?)"
+            elif st is not None:
+                twin = seen_files.get(ident)
+                reason = _file_reason(path, st) or (f"the same file as {twin.name} (read once)" if twin else None)
+            if reason:
+                unused.append(Unused(path, reason))
+                continue
+            seen_files[ident] = path
+            found.append(path)
+        stack.extend(reversed(subfolders))  # depth first, in name order
+    return found, unused
+
+
+def list_inputs(root: Path, follow_outside: bool = False) -> list[Path]:
+    """Every input file under ``root``, recursively, in a stable order (see :func:`walk_inputs`)."""
+    return walk_inputs(Path(root), follow_outside)[0]
 
 
 @dataclass
@@ -154,6 +250,7 @@ class InputIndex:
     items: list[tuple[Path, str | None]]
     labels: list[int] | None = None
     classes: list[str] | None = None
+    unused: list[Unused] = field(default_factory=list)  # entries of the folder that are not inputs
 
     def __len__(self) -> int:
         return len(self.items)
@@ -163,29 +260,50 @@ class InputIndex:
         return "image" if self.items and self.items[0][0].suffix.lower() in IMAGE_EXTS else "array"
 
 
-def index_folder(root: str | os.PathLike, labelled: bool | None = None) -> InputIndex:
-    """List the inputs of ``root``; detect class subfolders unless ``labelled`` says otherwise."""
+def index_folder(root: str | os.PathLike, labelled: bool | None = None, follow_outside: bool = False) -> InputIndex:
+    """List the inputs of ``root``; detect class subfolders unless ``labelled`` says otherwise.
+
+    The folder is labelled when every input lies in a subfolder and at least two subfolders hold
+    inputs; each of those is a class, named by the subfolder.
+    """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+    try:
+        if not root.is_dir():
+            raise DataError(f"data folder not found: {root}")
+    except OSError as err:
+        raise DataError(f"data folder {root} cannot be used: {err.strerror or err}") from None
     if not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"data folder {root} is not readable (permission denied)")
-    class_dirs = _class_dirs(root) if labelled is not False else None
-    if labelled and class_dirs is None:
+    paths, unused = walk_inputs(root, follow_outside)
+    top = {p.relative_to(root).parts[0] for p in paths}
+    is_labelled = bool(paths) and all(len(p.relative_to(root).parts) > 1 for p in paths) and len(top) >= 2
+    if labelled and not is_labelled:
         raise DataError(f"{root} has no class subfolders (one subfolder of inputs per class)")
-    files = [(p, i) for i, d in enumerate(class_dirs) for p in list_inputs(d)] if class_dirs else \
-        [(p, None) for p in list_inputs(root)]
-    if not files:
-        raise DataError(f"no readable inputs in {root} (looked for {', '.join(IMAGE_EXTS + ARRAY_EXTS)})")
-    kinds = {p.suffix.lower() in IMAGE_EXTS for p, _ in files}
+    classes = sorted(top) if is_labelled and labelled is not False else None
+    if not paths:
+        raise DataError(f"no readable inputs in {root} (looked for {', '.join(IMAGE_EXTS + ARRAY_EXTS)})"
+                        + _unused_note(unused))
+    kinds = {p.suffix.lower() in IMAGE_EXTS for p in paths}
     if len(kinds) > 1:
         raise DataError(f"{root} mixes images and arrays; give a folder of one or the other")
+    if classes:
+        position = {name: i for i, name in enumerate(classes)}
+        paths = sorted(paths, key=lambda p: position[p.relative_to(root).parts[0]])  # stable within a class
     items, labels = [], []
-    for path, label in files:
+    for path in paths:
         keys = _npz_keys(path) if path.suffix.lower() == ".npz" else [None]
+        if not keys:
+            unused.append(Unused(path, "an .npz holding no arrays"))
         items += [(path, k) for k in keys]
-        labels += [label] * len(keys)
-    return InputIndex(root, items, labels if class_dirs else None, [d.name for d in class_dirs] if class_dirs else None)
+        if classes:
+            labels += [position[path.relative_to(root).parts[0]]] * len(keys)
+    return InputIndex(root, items, labels if classes else None, classes, unused)
+
+
+def _unused_note(unused: list[Unused]) -> str:
+    if not unused:
+        return ""
+    return f"; {len(unused)} entr{'y' if len(unused) == 1 else 'ies'} not used, e.g. {unused[0].path.name}: {unused[0].reason}"
 
 
 def _npz_keys(path: Path) -> list[str | None]:
@@ -197,16 +315,42 @@ def _npz_keys(path: Path) -> list[str | None]:
 
 
 # --------------------------------------------------------------------------- reading one input
-def read_image(path: Path, pre: Preprocess) -> torch.Tensor:
-    """One image as a (C, H, W) uint8 tensor. Raises one of ``BAD_FILE_ERRORS`` if unreadable."""
+#: Pillow modes of more than 8 bits per channel, and the value that is full white in each.
+_DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _pixels(img: Image.Image, channels: int) -> np.ndarray:
+    """The image as uint8 (H, W) or (H, W, 3), scaled by its bit depth: 16-bit and 32-bit integer
+    images by 65535, float images by 1 (their pixels must lie in [0, 1])."""
+    if img.mode in _DEEP_MODES:
+        arr = np.asarray(img).astype(np.float64)
+        top = _DEEP_MODES[img.mode]
+        if not np.isfinite(arr).all():
+            raise ValueError("float pixels that are NaN or infinite")
+        if arr.min() < 0 or arr.max() > top * (1 + 1e-6):
+            lo, hi = float(arr.min()), float(arr.max())
+            raise ValueError(f"{img.mode} pixels in [{lo:g}, {hi:g}], outside [0, {top:g}]")
+        arr = np.rint(arr * (255.0 / top)).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2) if channels == 3 else arr
+    return np.array(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+
+
+def read_image(path: Path, pre: Preprocess) -> tuple[torch.Tensor, str | None]:
+    """One image as a (C, H, W) uint8 tensor, and a note if only part of it was used (the first
+    frame of an animation). Pixels are scaled by the bit depth, the EXIF orientation is applied.
+    Raises one of ``BAD_FILE_ERRORS`` if unreadable."""
+    note = None
     with Image.open(path) as img:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+            note = f"{img.n_frames} frames: the first was used"
         img.load()
-        img = img.convert("L" if pre.channels == 1 else "RGB")
-        if pre.size is not None and img.size != (pre.size[1], pre.size[0]):
-            img = img.resize((pre.size[1], pre.size[0]), Image.BILINEAR)
-        arr = np.array(img, dtype=np.uint8)  # a writable copy
+        img = ImageOps.exif_transpose(img)
+        arr = _pixels(img, pre.channels)
+    if pre.size is not None and arr.shape[:2] != tuple(pre.size):
+        arr = np.array(Image.fromarray(arr).resize((pre.size[1], pre.size[0]), Image.BILINEAR))
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(np.ascontiguousarray(arr)), note
 
 
 def read_array(path: Path, key: str | None) -> torch.Tensor:
@@ -237,8 +381,15 @@ def read_array(path: Path, key: str | None) -> torch.Tensor:
     return t
 
 
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (f"{type(err).__name__}: {text}" if text else type(err).__name__)[:160]
+
+
 class FolderDataset(torch.utils.data.Dataset):
-    """The inputs of an :class:`InputIndex`; an unreadable one comes back as ``None``."""
+    """The inputs of an :class:`InputIndex`. Never raises, so that a DataLoader worker never
+    prints a traceback: an item is ``(x, i, problem)`` where ``problem`` is ``None``, a note
+    (``x`` usable), the reason ``x`` is ``None`` (an unreadable file), or a fatal error."""
 
     def __init__(self, index: InputIndex, pre: Preprocess, positions: list[int] | None = None):
         self.index, self.pre = index, pre
@@ -250,24 +401,59 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         path, key = self.index.items[self.positions[i]]
         try:
-            x = read_image(path, self.pre) if path.suffix.lower() in IMAGE_EXTS else read_array(path, key)
-        except DataError:
-            raise
-        except BAD_FILE_ERRORS:
-            x = None
-        return x, i
+            if path.suffix.lower() in IMAGE_EXTS:
+                x, note = read_image(path, self.pre)
+                return x, i, ("note", note) if note else None
+            return read_array(path, key), i, None
+        except DataError as err:
+            return None, i, ("fatal", str(err))
+        except MemoryError:
+            return None, i, ("fatal", f"{path} is too large to decode in memory")
+        except BAD_FILE_ERRORS as err:
+            return None, i, ("bad", _reason(err))
 
 
-def collate(batch):
-    """Stack the readable inputs; report how many were not and which positions came through."""
-    good = [(x, i) for x, i in batch if x is not None]
+@dataclass
+class Batch:
+    """What :func:`collate` makes of a list of items: the readable inputs stacked, their
+    positions, and what went wrong with the others."""
+
+    x: torch.Tensor | None
+    index: torch.Tensor
+    bad: list[tuple[int, str]]
+    notes: list[tuple[int, str]]
+    fatal: str | None = None
+
+    def __iter__(self):  # (x, index, number of unreadable inputs), as before
+        return iter((self.x, self.index, len(self.bad)))
+
+
+def collate(batch) -> Batch:
+    """Stack the readable inputs; report which were not, and why."""
+    good = [(x, i) for x, i, _ in batch if x is not None]
+    bad = [(i, p[1]) for x, i, p in batch if x is None and p and p[0] == "bad"]
+    notes = [(i, p[1]) for x, i, p in batch if x is not None and p and p[0] == "note"]
+    fatal = next((p[1] for _, _, p in batch if p and p[0] == "fatal"), None)
     shapes = {tuple(x.shape) for x, _ in good}
-    if len(shapes) > 1:
+    if len(shapes) > 1 and fatal is None:
         a, b = sorted(shapes)[:2]
-        raise DataError(f"inputs have different shapes ({'x'.join(map(str, a))} and {'x'.join(map(str, b))}); "
-                        "set a size with --size H,W")
-    xs = torch.stack([x for x, _ in good]) if good else None
-    return xs, torch.tensor([i for _, i in good], dtype=torch.long), len(batch) - len(good)
+        fatal = (f"inputs have different shapes ({'x'.join(map(str, a))} and {'x'.join(map(str, b))}); "
+                 "set a size with --size H,W")
+    xs = torch.stack([x for x, _ in good]) if good and fatal is None else None
+    return Batch(xs, torch.tensor([i for _, i in good], dtype=torch.long), bad, notes, fatal)
+
+
+def _loader_batches(loader) -> Iterator[Batch]:
+    """A DataLoader's batches, with a worker's death (a decoder crash, the OOM killer) as one line."""
+    try:
+        for batch in loader:
+            if batch.fatal:
+                raise DataError(batch.fatal)
+            yield batch
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        raise DataError(f"reading the inputs failed: {str(err).strip().splitlines()[0]}") from None
 
 
 def default_workers() -> int:
@@ -285,61 +471,153 @@ class Inputs:
     labels: torch.Tensor | None = None  # (N,) int64
     classes: list[str] | None = None
     skipped: int = 0
+    unused: list[Unused] = field(default_factory=list)  # entries not used, with the reason
+    notes: list[Unused] = field(default_factory=list)  # inputs used only in part (first frames)
 
     def __len__(self) -> int:
         return len(self.paths)
 
 
-def _check_bad(bad: int, total: int, root: Path, first_bad: Path | None) -> None:
-    if bad and bad > MAX_BAD_SHARE * total:
-        raise DataError(f"{bad} of {total} files in {root} are unreadable (more than {MAX_BAD_SHARE:.0%})"
-                        + (f", e.g. {first_bad.name}" if first_bad else ""))
+def report_unused(unused: list[Unused], notes: list[Unused], root: Path) -> None:
+    """One line on stderr for the entries of ``root`` that were not used (by reason), and one
+    for the inputs used only in part; every entry is listed in ``--json``."""
+    if unused:
+        counts = Counter(u.reason.split(" (")[0] for u in unused)
+        parts = ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+        print(f"note: {len(unused)} entr{'y' if len(unused) == 1 else 'ies'} of {root} not used: {parts} "
+              f"(e.g. {unused[0].path.name}: {unused[0].reason}; --json lists them all)", file=sys.stderr)
+    if notes:
+        print(f"note: {len(notes)} animated or multi-page image(s) in {root}: the first frame was used "
+              f"(e.g. {notes[0].path.name})", file=sys.stderr)
+
+
+def _check_bad(bad: list[Unused], total: int, root: Path) -> None:
+    """The folder contract: more than MAX_BAD_SHARE unreadable files is an error, fewer a warning."""
+    first = f", e.g. {bad[0].path.name} ({bad[0].reason})" if bad else ""
+    if bad and len(bad) > MAX_BAD_SHARE * total:
+        raise DataError(f"{len(bad)} of {total} files in {root} are unreadable (more than {MAX_BAD_SHARE:.0%}){first}")
     if bad:
-        print(f"warning: skipped {bad} unreadable file(s) of {total} in {root}"
-              + (f", e.g. {first_bad.name}" if first_bad else ""), file=sys.stderr)
+        print(f"warning: skipped {len(bad)} unreadable file(s) of {total} in {root}{first}", file=sys.stderr)
+
+
+@dataclass
+class Scan:
+    """A folder decoded once: the inputs (if kept), the positions that were readable, and what
+    was not used, with the reasons."""
+
+    x: torch.Tensor | None
+    positions: list[int]
+    bad: list[Unused]
+    notes: list[Unused]
+    sample_shape: tuple[int, ...]
+
+
+def scan_inputs(index: InputIndex, pre: Preprocess, positions: list[int] | None = None, workers: int = 0,
+                batch_size: int = 256, keep: bool = True) -> Scan:
+    """Decode the inputs at ``positions`` (default: all) and apply the folder contract: none
+    readable, inputs of different shapes, or more than ``MAX_BAD_SHARE`` unreadable is a
+    :class:`DataError`. ``keep=False`` checks a folder that will be streamed, holding nothing."""
+    dataset = FolderDataset(index, pre, positions)
+    total = len(dataset)
+    if keep:
+        _require_fits(index, pre, dataset)
+    if keep and total < 2 * batch_size:
+        workers = 0  # a pool costs more to start than a small folder takes to read (a streamed one is large)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(0))
+    chunks, kept, bad, notes, shape = [], [], [], [], None
+    for batch in _loader_batches(loader):
+        bad += [Unused(index.items[dataset.positions[i]][0], why) for i, why in batch.bad]
+        notes += [Unused(index.items[dataset.positions[i]][0], why) for i, why in batch.notes]
+        if batch.x is None:
+            continue
+        if shape is not None and tuple(batch.x.shape[1:]) != shape:
+            raise DataError(f"inputs in {index.root} have different shapes; set a size with --size H,W")
+        shape = tuple(batch.x.shape[1:])
+        kept += batch.index.tolist()
+        if keep:
+            chunks.append(batch.x)
+    if not kept:
+        first = f" (e.g. {bad[0].path.name}: {bad[0].reason})" if bad else ""
+        raise DataError(f"no readable inputs in {index.root}: all {total} files failed to decode{first}")
+    _check_bad(bad, total, index.root)
+    return Scan(torch.cat(chunks) if keep else None, [dataset.positions[i] for i in kept], bad, notes, shape)
+
+
+def _require_fits(index: InputIndex, pre: Preprocess, dataset: FolderDataset) -> None:
+    """Refuse to read a folder into memory when its decoded inputs cannot fit."""
+    from .limits import require
+
+    if index.kind == "image" and pre.size is not None:
+        per_input = pre.channels * pre.size[0] * pre.size[1]
+    else:
+        sample = next((x for x, _, _ in (dataset[i] for i in range(min(len(dataset), 8))) if x is not None), None)
+        if sample is None:
+            return
+        per_input = sample.numel() * sample.element_size()
+    require(per_input * len(dataset), f"reading {len(dataset):,} inputs of {index.root} into memory",
+            "give a smaller --size or fewer inputs")
 
 
 def load_inputs(index: InputIndex, pre: Preprocess, positions: list[int] | None = None,
                 workers: int = 0, batch_size: int = 256) -> Inputs:
     """Decode the inputs at ``positions`` (default: all) into one in-memory tensor."""
-    dataset = FolderDataset(index, pre, positions)
-    if len(dataset) < 2 * batch_size:
-        workers = 0  # a pool costs more to start than a small folder takes to read
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(0))
-    chunks, kept, bad = [], [], 0
-    for xs, idx, nbad in loader:
-        bad += nbad
-        if xs is not None:
-            chunks.append(xs)
-            kept.append(idx)
-    total = len(dataset)
-    kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
-    first_bad = None
-    if bad:
-        good = set(kept.tolist())
-        first_bad = next(index.items[dataset.positions[i]][0] for i in range(total) if i not in good)
-    if not chunks:
-        raise DataError(f"no readable inputs in {index.root}: all {total} files failed to decode")
-    _check_bad(bad, total, index.root, first_bad)
-    shapes = {tuple(c.shape[1:]) for c in chunks}
-    if len(shapes) > 1:
-        raise DataError(f"inputs in {index.root} have different shapes; set a size with --size H,W")
-    order = [dataset.positions[i] for i in kept.tolist()]
-    labels = torch.tensor([index.labels[p] for p in order]) if index.labels is not None else None
-    return Inputs(torch.cat(chunks), [index.items[p][0] for p in order], labels, index.classes, bad)
+    scan = scan_inputs(index, pre, positions, workers, batch_size)
+    labels = torch.tensor([index.labels[p] for p in scan.positions]) if index.labels is not None else None
+    return Inputs(scan.x, [index.items[p][0] for p in scan.positions], labels, index.classes, len(scan.bad),
+                  index.unused + scan.bad, scan.notes)
 
 
 def read_folder(root: str | os.PathLike, pre: Preprocess, labelled: bool | None = None, limit: int | None = None,
-                workers: int = 0) -> Inputs:
+                workers: int = 0, follow_outside: bool = False, report: bool = True) -> Inputs:
     """Read every input of ``root`` into memory (``limit``: only the first that many).
 
     Unreadable files are skipped with one warning; more than ``MAX_BAD_SHARE`` of them, or none
-    readable at all, is a :class:`DataError`.
+    readable at all, is a :class:`DataError`. Entries that are not inputs are reported on stderr
+    (``report``) and listed in ``Inputs.unused``.
     """
-    index = index_folder(root, labelled)
+    index = index_folder(root, labelled, follow_outside)
     positions = list(range(min(limit, len(index)))) if limit else None
-    return load_inputs(index, pre, positions, workers)
+    inputs = load_inputs(index, pre, positions, workers)
+    if report:
+        report_unused(index.unused, inputs.notes, index.root)
+    return inputs
+
+
+def class_labels(inputs: Inputs, classes: list[str] | None, outputs: int) -> torch.Tensor | None:
+    """The labels of a labelled folder as indices of the model's ``outputs`` classes.
+
+    With the model's class names (a bundle's, ONNX metadata, ``--classes``), each subfolder is
+    the class of the same name (a leading ``3_`` or ``3-`` and letter case aside), whatever the
+    order; a subfolder naming no class is refused. Without names, the sorted subfolders are
+    classes 0, 1, ... and must be as many as the model's outputs.
+    """
+    if inputs.labels is None or inputs.classes is None:
+        return inputs.labels
+    folders = inputs.classes
+    if classes:
+        if len(classes) != outputs:
+            raise DataError(f"{len(classes)} class names for a model with {outputs} outputs")
+
+        def key(name: str) -> str:
+            return re.sub(r"^\d+[_\-. ]", "", name).strip().casefold()
+
+        exact = {c: i for i, c in enumerate(classes)}
+        loose = {key(c): i for i, c in enumerate(classes)}
+        mapping = [exact.get(f, loose.get(key(f))) for f in folders]
+        missing = [f for f, m in zip(folders, mapping) if m is None]
+        if missing:
+            raise DataError(f"class folder(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} name no class "
+                            f"of the model ({', '.join(classes[:6])}{' ...' if len(classes) > 6 else ''})")
+        twice = [f for f, m in zip(folders, mapping) if mapping.count(m) > 1]
+        if twice:
+            raise DataError(f"class folders {', '.join(twice[:3])} name the same class of the model")
+    else:
+        if len(folders) != outputs:
+            raise DataError(f"{len(folders)} class folders in the data, but the model has {outputs} outputs: "
+                            "pass --classes (names in the model's output order) to map folders to classes by name")
+        mapping = list(range(len(folders)))
+    return torch.tensor(mapping, dtype=torch.long)[inputs.labels]
 
 
 @dataclass
@@ -347,7 +625,9 @@ class UnlabelledSet:
     """The unlabelled set S for distillation: cached in memory, or streamed from disk each epoch.
 
     ``batches(order)`` yields raw batches in the given order of positions; with a cache this is
-    slicing, without one a DataLoader decodes the files in ``workers`` processes.
+    slicing, without one a DataLoader decodes the files in ``workers`` processes. Either way the
+    folder was decoded once when opened (:func:`scan_inputs`), so both hold the same readable
+    inputs; ``skipped`` counts the unreadable files of the last pass (opening, or an epoch).
     """
 
     index: InputIndex
@@ -358,6 +638,9 @@ class UnlabelledSet:
     pin_memory: bool = False
     skipped: int = 0
     sample_shape: tuple[int, ...] = field(default=())
+    unused: list[Unused] = field(default_factory=list)  # entries not used, with the reason
+    notes: list[Unused] = field(default_factory=list)  # inputs used only in part (first frames)
+    bad: list[Unused] = field(default_factory=list)  # unreadable when the set was opened
 
     @classmethod
     def from_tensor(cls, x: torch.Tensor, pre: Preprocess) -> "UnlabelledSet":
@@ -366,6 +649,29 @@ class UnlabelledSet:
 
     def __len__(self) -> int:
         return len(self.positions) if self.cache is None else self.cache.shape[0]
+
+    def fingerprint(self) -> str:
+        """What identifies these inputs for ``--resume``: the folder, its files' names, sizes and
+        count (or, for inputs given as a tensor, their bytes)."""
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(self.index.root)) + b"\0")
+        if not self.index.items:
+            digest.update(str((tuple(self.cache.shape), str(self.cache.dtype))).encode())
+            digest.update(self.cache.contiguous().view(torch.uint8).numpy().tobytes())
+            return digest.hexdigest()
+        for position in self.positions:
+            path, key = self.index.items[position]
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = -1
+            digest.update(os.fsencode(path.relative_to(self.index.root)) + f"\0{key}\0{size}\n".encode())
+        return f"{len(self.positions)}:{digest.hexdigest()}"
+
+    def sample(self, n: int = 2) -> torch.Tensor:
+        """The first ``n`` readable raw inputs (fewer if the set is smaller)."""
+        for batch in self.batches(torch.arange(min(len(self), max(n, 1))), max(n, 1)):
+            return batch
+        raise DataError(f"no readable inputs in {self.index.root}")
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         if len(order) == 0:  # (``split`` of an empty order would yield one empty batch)
@@ -381,40 +687,57 @@ class UnlabelledSet:
             prefetch_factor=4 if self.workers else None,
             generator=torch.Generator().manual_seed(0),  # worker seeds: never from the global RNG
         )
-        for xs, _, nbad in loader:
-            self.skipped += nbad
-            if xs is not None:
-                yield xs
+        failed: list[Unused] = []
+        total = len(self.positions) + len(self.bad)
+        self.skipped = len(self.bad)
+        for batch in _loader_batches(loader):
+            failed += [Unused(self.index.items[self.positions[i]][0], why) for i, why in batch.bad]
+            self.skipped = len(self.bad) + len(failed)  # this pass only: never summed over epochs
+            if self.skipped > MAX_BAD_SHARE * total:
+                _check_bad(self.bad + failed, total, self.index.root)  # the folder contract, as when opened
+            if batch.x is not None:
+                yield batch.x
 
 
 def open_unlabelled(index: InputIndex, pre: Preprocess, positions: list[int], cache_mb: float = 1024,
                     workers: int | None = None, pin_memory: bool = False) -> UnlabelledSet:
-    """Cache the inputs at ``positions`` if their decoded size fits ``cache_mb``, else stream them."""
+    """Cache the inputs at ``positions`` if their decoded size fits ``cache_mb``, else stream them.
+
+    Both decode the folder once here and apply the same contract (:func:`scan_inputs`); a
+    streamed set keeps only the readable positions and decodes them again every epoch.
+    """
     workers = default_workers() if workers is None else workers
     dataset = FolderDataset(index, pre, positions)
-    sample = next((x for x, _ in (dataset[i] for i in range(min(len(dataset), 64))) if x is not None), None)
+    sample = next((x for x, _, _ in (dataset[i] for i in range(min(len(dataset), 64))) if x is not None), None)
     estimate = sample.numel() * sample.element_size() * len(positions) / 2**20 if sample is not None else 0.0
-    if sample is None or estimate <= cache_mb:  # (nothing readable up front: reading all says why)
-        inputs = load_inputs(index, pre, positions, workers)
-        return UnlabelledSet(index, pre, positions, inputs.x, skipped=inputs.skipped, sample_shape=tuple(inputs.x.shape[1:]))
-    return UnlabelledSet(index, pre, positions, None, workers, pin_memory, sample_shape=tuple(sample.shape))
+    stream = sample is not None and estimate > cache_mb
+    scan = scan_inputs(index, pre, positions, workers, keep=not stream)
+    return UnlabelledSet(index, pre, scan.positions, scan.x, 0 if scan.x is not None else workers, pin_memory,
+                         len(scan.bad), scan.sample_shape, index.unused + scan.bad, scan.notes, scan.bad)
 
 
 def open_distill_data(
     root: str | os.PathLike, pre: Preprocess, val_fraction: float = 0.0, seed: int = 0,
-    cache_mb: float = 1024, workers: int | None = None, pin_memory: bool = False,
+    cache_mb: float = 1024, workers: int | None = None, pin_memory: bool = False, follow_outside: bool = False,
 ) -> tuple[UnlabelledSet, torch.Tensor | None]:
     """The unlabelled folder as a training set S, and the held-out raw inputs (or None).
 
     For images without a set size, ``pre.size`` becomes the size found, so that the bundle
-    records what the student was made for.
+    records what the student was made for. What was not used is reported on stderr and kept in
+    ``UnlabelledSet.unused``.
     """
-    index = index_folder(root, labelled=False)
+    index = index_folder(root, labelled=False, follow_outside=follow_outside)
     train_pos, val_pos = split_positions(len(index), val_fraction, seed)
     train = open_unlabelled(index, pre, train_pos, cache_mb, workers, pin_memory)
     if index.kind == "image" and pre.size is None:
         pre.size = tuple(train.sample_shape[1:])
-    val = load_inputs(index, pre, val_pos).x if val_pos else None
+    val = None
+    if val_pos:
+        held = load_inputs(index, pre, val_pos)
+        val = held.x
+        train.unused += held.unused[len(index.unused):]
+        train.notes += held.notes
+    report_unused(index.unused, train.notes, index.root)  # (unreadable files have their own warning)
     return train, val
 
 

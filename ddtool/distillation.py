@@ -41,10 +41,10 @@ from .dropout import check_dropout, deterministic
 from . import parallel
 from .errors import DDToolError, ModelError, UsageError
 from .mc import MCSampler
-from .model import clone_model, freeze, probe, uses_channels_last
-from .outputs import select_output
+from .model import clone_model, freeze, nonfinite_weights, probe, uses_channels_last
+from .outputs import check_class_dim, select_output
 from .parallel import SINGLE, World
-from .resume import RunState, interrupted, load_state, save_state, stop_requests
+from .resume import RunState, interrupted, load_state, restore, save_state, stop_requests
 
 LOSSES = ("kl", "mse")
 OPTIMIZERS = ("sgd", "adam")
@@ -197,6 +197,7 @@ class _Run:
     perturb: Callable[[torch.Tensor], torch.Tensor] | None  # pixels zeroed and flips, from that generator
     channels_last: bool
     batch: int  # this rank's share of the global batch
+    example: torch.Tensor  # two prepared inputs of S, to check the student on at the end
     val: torch.Tensor | None = None  # held-out raw inputs
     val_ref: torch.Tensor | None = None  # their MC reference, in target space
 
@@ -243,7 +244,11 @@ def _models(model: nn.Module, student: nn.Module | None, example, device, config
     """The frozen teacher and the student (a copy of the teacher unless given), on ``device``
     and in channels_last for conv nets on images."""
     teacher = freeze(clone_model(model)).to(device)
-    student = (clone_model(model) if student is None else student).eval().to(device)
+    if student is None:  # a copy of the teacher, trainable even if the teacher was saved frozen (a bundle's program)
+        student = clone_model(model)
+        for param in student.parameters():
+            param.requires_grad_(param.is_floating_point())
+    student = student.eval().to(device)
     probe(student, example.to(device), config.output)
     channels_last = uses_channels_last(student, example)
     if channels_last:
@@ -257,8 +262,10 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     """Check the model and the data, and build everything the loop needs."""
     batch = parallel.local_batch(world, config.batch_size)
     data, val = _held_out(data, preprocess, config, val)
-    example = preprocess.prepare(next(data.batches(torch.arange(min(len(data), 2)), 2)))
-    probe(model, example, config.output)
+    example = preprocess.prepare(data.sample(2))
+    out = probe(model, example, config.output)
+    if config.loss == "kl":
+        check_class_dim(out, config.class_dim)
     plan = check_dropout(model, example, config.sample_drop_path, config.output)
     teacher, student, channels_last = _models(model, student, example, device, config)
     sampler = MCSampler(teacher, example.to(device), select=config.output, sample_drop_path=config.sample_drop_path,
@@ -272,7 +279,7 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     generator = torch.Generator().manual_seed(_rank_seed(config, world))
     perturb = perturbation(config.perturb, config.flip, generator)
     run = _Run(config, world, device, data, preprocess, student, trained, sampler, opt, generator, perturb,
-               channels_last, batch, val)
+               channels_last, batch, example, val)
     if val is not None:
         run.val_ref = _val_reference(sampler, val, preprocess, config, device)
     return run
@@ -306,24 +313,23 @@ def _val_reference(sampler: MCSampler, val_x, preprocess, config, device) -> tor
 
 
 # --------------------------------------------------------------------------- resume state
-def _start(run: _Run, checkpoint: Path | None, resume: bool) -> RunState:
-    """A fresh state, or the interrupted run's from ``checkpoint`` (loaded into the run)."""
+def _start(run: _Run, checkpoint: Path | None, resume: bool, fingerprint: dict) -> RunState:
+    """A fresh state, or the interrupted run's from ``checkpoint`` (loaded into the run) if it
+    is the same run: same ``fingerprint``, settings and process count."""
     if not resume:
         return RunState()
-    saved = load_state(checkpoint, run.config.as_dict(), run.world.size)
-    run.student.load_state_dict(saved["student"])
-    run.opt.load_state_dict(saved["optimizer"])
-    run.generator.set_state(saved["generator"][run.world.rank])
-    return RunState(saved["epoch"], saved["step"], saved["history"], saved.get("best"), saved["rng"][run.world.rank])
+    saved = load_state(checkpoint, run.config.as_dict(), run.world.size, fingerprint)
+    return restore(saved, checkpoint, run.student, run.opt, run.generator, run.world.rank, run.steps_per_epoch)
 
 
-def _save(run: _Run, state: RunState, checkpoint: Path | None, teacher_sha256, epoch: int, step: int) -> None:
+def _save(run: _Run, state: RunState, checkpoint: Path | None, fingerprint: dict, epoch: int, step: int) -> None:
     """Write the resumable state after ``step`` of ``epoch`` (rank 0 writes every rank's random state)."""
     if checkpoint is None:
         return
     states = parallel.gather(run.world, (torch.get_rng_state(), run.generator.get_state()))
     if run.world.main:
-        save_state(checkpoint, config=run.config.as_dict(), epoch=epoch, step=step, teacher_sha256=teacher_sha256,
+        save_state(checkpoint, config=run.config.as_dict(), epoch=epoch, step=step,
+                   teacher_sha256=fingerprint.get("teacher"), fingerprint=fingerprint,
                    student=_weights(run.student), optimizer=run.opt.state_dict(),
                    generator=[g for _, g in states], rng=[r for r, _ in states],
                    history=state.history, best=state.best, world_size=run.world.size)
@@ -384,12 +390,24 @@ def _stop_if_asked(run: _Run, stop: dict, save, epoch: int, step: int, checkpoin
         raise interrupted(signum, epoch, step, checkpoint)
 
 
-def _finish(run: _Run, state: RunState, checkpoint: Path | None) -> DistillResult:
-    """The best (or last) student, in eval mode and contiguous on the CPU; the finished run's
-    resumable state is removed."""
+@torch.no_grad()
+def _require_finite_student(run: _Run) -> None:
+    """A student with NaN or infinite weights, or outputs, is never returned (nor saved)."""
+    bad = nonfinite_weights(run.student)
+    if bad:
+        raise ModelError(f"the distilled student holds {bad}; lower --lr or --weight-decay")
+    if not torch.isfinite(probe(run.student, run.example.to(run.device), run.config.output)).all():
+        raise ModelError("the distilled student gives NaN or infinite outputs; lower --lr or --weight-decay")
+
+
+def _finish(run: _Run, state: RunState, checkpoint: Path | None, keep_checkpoint: bool) -> DistillResult:
+    """The best (or last) student, checked finite, in eval mode and contiguous on the CPU; the
+    finished run's resumable state is removed unless the caller keeps it (until its results
+    are safely written)."""
     if state.best is not None:
         run.student.load_state_dict(state.best["student"])
-    if checkpoint is not None and run.world.main:
+    _require_finite_student(run)
+    if checkpoint is not None and run.world.main and not keep_checkpoint:
         checkpoint.unlink(missing_ok=True)  # finished: nothing left to resume
     student = run.student.to(memory_format=torch.contiguous_format) if run.channels_last else run.student
     return DistillResult(freeze(student.eval().cpu()), state.history, state.best["epoch"] if state.best else None,
@@ -410,6 +428,8 @@ def distill(
     resume: bool = False,
     teacher_sha256: str | None = None,
     world: World = SINGLE,
+    fingerprint: dict | None = None,
+    keep_checkpoint: bool = False,
 ) -> DistillResult:
     """Distill ``model`` (trained with dropout) into a deterministic student on the inputs ``data``.
 
@@ -423,21 +443,29 @@ def distill(
 
     Under torchrun, ``world`` (see ``ddtool.parallel``) makes this one of N data-parallel
     processes: ``config.batch_size`` is the global batch, and only rank 0 writes ``checkpoint``.
+
+    The resumable state records what makes a run the same run: ``teacher_sha256``, the inputs
+    (names, sizes, count) and ``fingerprint`` (say, the architecture and preprocessing); a
+    ``resume`` that differs in any of them is refused. ``keep_checkpoint`` leaves the finished
+    run's state in place, for a caller that deletes it only once the results are safely written.
     """
     config = config or DistillConfig()
     device = parallel.local_device(world, resolve_device(config.device))
     checkpoint = Path(checkpoint) if checkpoint else None
     with parallel.process_group(world, device):
         run = _set_up(model, data, preprocess, config, val, student, world, device)
-        state = _start(run, checkpoint, resume)
-        return _finish(run, _loop(run, state, progress, checkpoint, teacher_sha256), checkpoint)
+        if checkpoint is not None:  # what makes a resumed run the same run
+            fingerprint = {"teacher": teacher_sha256, "inputs": run.data.fingerprint(), **(fingerprint or {})}
+        state = _start(run, checkpoint, resume, fingerprint or {})
+        state = _loop(run, state, progress, checkpoint, fingerprint or {})
+        return _finish(run, state, checkpoint, keep_checkpoint)
 
 
-def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, teacher_sha256) -> RunState:
+def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, fingerprint: dict) -> RunState:
     """Algorithm 2: epochs of SGD steps, each on a batch from S, the frozen teacher's target under
     fresh masks, and the deterministic student's output."""
     def save(epoch, step):
-        _save(run, state, checkpoint, teacher_sha256, epoch, step)
+        _save(run, state, checkpoint, fingerprint, epoch, step)
 
     with torch.random.fork_rng(devices=[]), stop_requests() as stop:
         torch.manual_seed(_rank_seed(run.config, run.world))  # the teacher's dropout masks

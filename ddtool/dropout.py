@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from .errors import NoDropoutError
+from .errors import DDToolError, ModelError, NoDropoutError, first_line
 from .outputs import select_output
 
 #: Module types whose training flag switches random masking on.
@@ -261,7 +261,12 @@ def _module_site(name: str, module: nn.Module, sample_drop_path: bool) -> Dropou
     cls = type(module).__name__
     original = getattr(module, "original_name", None)  # scripted modules keep their class name here
     if isinstance(module, DROPOUT_TYPES) or original in _DROPOUT_NAMES:
-        return DropoutSite(name, original if original in _DROPOUT_NAMES else cls, float(module.p), "module")
+        kind = original if original in _DROPOUT_NAMES else cls
+        if not hasattr(module, "p"):  # a traced TorchScript module keeps no attributes
+            p, train = _traced_dropout(module)
+            return DropoutSite(name, f"{kind} (traced: fixed off)" if train is False else kind, p, "module",
+                               sampled=train is not False)
+        return DropoutSite(name, kind, float(module.p), "module")
     if isinstance(module, nn.MultiheadAttention):
         return DropoutSite(name, cls, float(module.dropout), "attention")
     if isinstance(module, nn.RNNBase) and module.num_layers > 1:
@@ -271,6 +276,21 @@ def _module_site(name: str, module: nn.Module, sample_drop_path: bool) -> Dropou
         return DropoutSite(name, original or cls, float(p or 0.0), "module", sampled=sample_drop_path)
     sites = getattr(module, "ddtool_dropout_sites", None)  # modules that know their own sites
     return sites() if callable(sites) else None
+
+
+def _traced_dropout(module: nn.Module) -> tuple[float, bool | None]:
+    """p and the train flag of the dropout op in a traced TorchScript module's graph. Tracing
+    records the flag of the moment as a constant, so a model traced in eval mode never drops."""
+    try:
+        nodes = list(module.graph.nodes())
+    except Exception:  # noqa: BLE001 - no graph to read
+        return 0.0, None
+    for node in nodes:
+        if node.kind() in ("aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout"):
+            args = list(node.inputs())
+            p, train = args[1].toIValue(), args[2].toIValue()
+            return float(p) if isinstance(p, (int, float)) else 0.0, train if isinstance(train, bool) else None
+    return 0.0, False  # the tracer left no dropout op at all
 
 
 def module_sites(model: nn.Module, sample_drop_path: bool = False) -> list[DropoutSite]:
@@ -326,11 +346,18 @@ class _Recorder(TorchFunctionMode):
 
 
 def _call_model(model: nn.Module, example):
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, (tuple, list)):
-        return model(*example)
-    return model(example)
+    """Run ``model`` on ``example``; a model that fails on it is the user's error (exit 8), not ours."""
+    try:
+        if isinstance(example, dict):
+            return model(**example)
+        if isinstance(example, (tuple, list)):
+            return model(*example)
+        return model(example)
+    except (DDToolError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the model's own code
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise ModelError(f"the model failed on inputs of shape {shape}: {first_line(err)}") from None
 
 
 def _sandbox(model: nn.Module) -> nn.Module:
@@ -443,6 +470,9 @@ def check_dropout(model: nn.Module, example=None, sample_drop_path: bool = False
     if not any(s.sampled for s in plan.sites):
         hint = "" if example is not None else " (functional dropout is found only by running the model on an input)"
         skipped = " (DropPath sites are not sampled unless asked for)" if plan.sites else ""
+        if any("traced" in s.kind for s in plan.sites):
+            raise NoDropoutError("no active dropout found: this traced TorchScript model has its dropout fixed off as it "
+                                 "was traced; export it with --script, or give its state dict and --arch")
         raise NoDropoutError(f"no active dropout found: no dropout layer with p > 0{skipped}{hint}")
     if example is not None:
         with torch.no_grad(), mc_mode(model, sample_drop_path, plan.owners), torch.random.fork_rng(devices=[]):

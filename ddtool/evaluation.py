@@ -27,12 +27,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .data import Inputs, Preprocess
+from .data import Inputs, Preprocess, class_labels
 from .dropout import MCPlan, check_dropout, deterministic
-from .files import atomic_output
+from .errors import ModelError
+from .files import to_bytes, write_bytes
+from .limits import require
 from .mc import MC_ROWS, MCSampler, probabilities
 from .model import count_parameters, fast_layout, probe
-from .outputs import select_output
+from .outputs import check_class_dim, select_output
 
 ECE_BINS = 15
 
@@ -65,6 +67,8 @@ class EvalReport:
     repeats: int = 1
     positions: int = 1  # output positions per input compared (1 for a classifier)
     results: list[MethodResult] = field(default_factory=list)
+    unused: list[dict] = field(default_factory=list)  # entries of the folder not used, with the reason
+    notes: list[dict] = field(default_factory=list)  # inputs used only in part (an animation's first frame)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -168,12 +172,34 @@ def _summarise(method: str, runs: list[dict], params: int, passes: int) -> Metho
     return result
 
 
+def _require_finite(probs: torch.Tensor, method: str) -> None:
+    """A method whose predictions hold NaN has no metrics: say so instead of a table of NaN."""
+    bad = int((~torch.isfinite(probs)).any(dim=1).sum())
+    if bad:
+        raise ModelError(f"{method} gives NaN or infinite outputs on {bad} of {probs.shape[0]} rows; "
+                         "its weights or the inputs hold values out of range")
+
+
 # --------------------------------------------------------------------------- the comparison
+def _positions_and_labels(inputs: Inputs, classes, outputs: dict[str, torch.Tensor], class_dim: int):
+    """Output positions per input, and the labels as indices of the models' classes (matched
+    by name, see :func:`ddtool.data.class_labels`); labels are per input, so an output with
+    more than one position per input is compared with MC only."""
+    widths = {tuple(o.shape[1:]) for o in outputs.values()}
+    if len(widths) > 1:
+        raise ModelError(f"the models give outputs of different shapes ({', '.join(str(list(w)) for w in sorted(widths))})")
+    out = outputs["standard"]
+    check_class_dim(out, class_dim)
+    positions = out[0].numel() // out.shape[class_dim]
+    return positions, class_labels(inputs, classes, out.shape[class_dim]) if positions == 1 else None
+
+
 def _standard_runs(models: dict[str, nn.Module], x, batch_size, select, class_dim, timing) -> tuple[dict, dict]:
     """Each deterministic model's probabilities, and its throughput and latency."""
     probs, runs = {}, {}
     for name, model in models.items():
         probs[name], seconds = predict_probs(model, x, batch_size, select=select, class_dim=class_dim)
+        _require_finite(probs[name], name)
         runs[name] = [{"throughput": len(x) / seconds, "latency_ms": latency_ms(model, x, select=select) if timing else None}]
     return probs, runs
 
@@ -191,28 +217,31 @@ def evaluate(
     repeats: int = 1,
     timing: bool = True,
     class_dim: int = 1,
+    classes: list[str] | None = None,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 
     ``select`` picks the prediction among the models' outputs (default: logits / first tensor).
     ``class_dim`` is its class axis: an output with more positions per input (segmentation,
     tagging) is compared with MC position by position, and its labels, which are per input,
-    are not used. ``timing=False`` skips the batch-1 latency runs (for quick checks).
+    are not used. ``classes`` are the models' class names in output order: class subfolders
+    are matched to them by name (see :func:`ddtool.data.class_labels`). ``timing=False`` skips
+    the batch-1 latency runs (for quick checks).
     """
+    require(inputs.x.numel() * 4, f"the {len(inputs):,} inputs as floats", "evaluate on fewer inputs or a smaller --size")
     x = preprocess.prepare(inputs.x)
     models = {"standard": teacher, **(distilled or {})}
-    for model in models.values():
-        probe(model, x[:2], select)
+    outputs = {name: probe(model, x[:2], select) for name, model in models.items()}
+    positions, labels = _positions_and_labels(inputs, classes, outputs, class_dim)
     plan = check_dropout(teacher, x[:2], sample_drop_path, select)
     with fast_layout(list(models.values()), x) as x:
         standard, runs = _standard_runs(models, x, batch_size, select, class_dim, timing)
-        positions = len(standard["standard"]) // len(x)
-        labels = inputs.labels if positions == 1 else None
         runs["mc"] = []
         for r in range(repeats):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + r)
                 mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path, plan, class_dim)
+                _require_finite(mc, f"mc-{mc_samples}")
                 mc_latency = latency_ms(teacher, x, mc_samples, select, 10, sample_drop_path, plan) if timing and r == 0 else None
             runs["mc"].append({**metrics(mc, None, labels), "throughput": len(x) / seconds, "latency_ms": mc_latency})
             for name, probs in standard.items():
@@ -222,7 +251,8 @@ def evaluate(
                 else:
                     runs[name].append(entry)
     report = EvalReport(inputs=len(x), labelled=labels is not None, mc_samples=mc_samples, repeats=repeats,
-                        positions=positions)
+                        positions=positions, unused=[u.as_dict() for u in inputs.unused],
+                        notes=[u.as_dict() for u in inputs.notes])
     count = {name: count_parameters(m) for name, m in models.items()}
     report.results.append(_summarise("standard", runs["standard"], count["standard"], 1))
     report.results.append(_summarise(f"mc-{mc_samples}", runs["mc"], count["standard"], mc_samples))
@@ -262,6 +292,8 @@ def plot(report: EvalReport, path, force: bool = False) -> None:
         ax.set_title("reliability diagram")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_output(path, force) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        data = to_bytes(lambda buffer: fig.savefig(buffer, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    write_bytes(path, data, force)

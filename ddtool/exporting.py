@@ -1,6 +1,7 @@
 """ONNX, TorchScript and torch.export exports, each ending in a parity check before it is kept.
 
-An export is written to a temporary file beside the destination, checked, and only then moved
+An export is serialized in memory (TorchScript's and torch.export's writers abort the process on
+a full disk), checked, written to a staging folder beside the destination and only then moved
 onto it; a failed check raises :class:`ExportError` (with the largest difference seen) and leaves
 nothing behind. Parity compares the exported model, run in its own runtime (onnxruntime for ONNX,
 a reloaded archive for the others), with the PyTorch model on the same seeded inputs at batch 1
@@ -19,10 +20,12 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ExportError, UsageError, first_line
-from .files import atomic_output
-from .outputs import select_output
+from .files import Outputs, to_bytes
+from .model import probe
+from .outputs import check_classes, select_output
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
@@ -131,36 +135,45 @@ def _check_parity(reference: nn.Module, run, inputs: list[torch.Tensor], atol: f
     return worst
 
 
-def _export_onnx(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, atol: float, opts: dict) -> float:
+def _export_onnx(model: nn.Module, out: Path, outputs: Outputs, example, inputs, atol: float, opts: dict) -> float:
     import onnx
     import onnxruntime as ort
 
     names = ["logits", "probabilities"] if model.probabilities else ["logits"]
     try:
         with quiet_fds():
-            torch.onnx.export(
-                model, (example,), str(tmp), input_names=["input"], output_names=names,
+            program = torch.onnx.export(
+                model, (example,), input_names=["input"], output_names=names,
                 dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                 opset_version=opts.get("opset"),
             )
-        proto = onnx.load(str(tmp))
+            proto = program.model_proto
         for key, value in (opts.get("metadata") or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, json.dumps(value)
-        if opts.get("data_file"):  # weights beside the graph, under the name they will keep
-            onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+        if opts.get("data_file"):  # weights beside the graph, under the names they will keep
+            staged = outputs.path(out)
+            outputs.path(opts["data_file"])  # (the same staging folder: the graph finds its data there)
+            onnx.save(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=opts["data_file"].name)
+            onnx.checker.check_model(str(staged), full_check=True)
+            session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
         else:
-            onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            data = proto.SerializeToString()
+            onnx.checker.check_model(proto, full_check=True)
+            session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except OSError:
+        raise
     except Exception as err:  # noqa: BLE001 - exporter failures come in many types
         raise ExportError(f"ONNX export failed: {first_line(err)}") from None
     name = session.get_inputs()[0].name
-    return _check_parity(model, lambda x: session.run(None, {name: x.numpy()}), inputs, atol, "onnxruntime")
+    diff = _check_parity(model, lambda x: session.run(None, {name: x.numpy()}), inputs, atol, "onnxruntime")
+    if not opts.get("data_file"):
+        outputs.write(out, data)
+    return diff
 
 
-def _export_torchscript(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, atol: float, opts: dict) -> float:
+def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, inputs, atol: float, opts: dict) -> float:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
@@ -170,24 +183,30 @@ def _export_torchscript(model: nn.Module, tmp: Path, example: torch.Tensor, inpu
                 compiled = torch.jit.script(model.model)
             else:
                 compiled = torch.jit.trace(model, example, check_trace=False)
-            torch.jit.save(compiled, str(tmp), _extra_files={METADATA_FILE: json.dumps(opts.get("metadata") or {})})
-            reloaded = torch.jit.load(str(tmp), map_location="cpu").eval()
+            extra = {METADATA_FILE: json.dumps(opts.get("metadata") or {})}
+            data = to_bytes(lambda buffer: torch.jit.save(compiled, buffer, _extra_files=extra))
+            reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     except ExportError:
         raise
     except Exception as err:  # noqa: BLE001
         raise ExportError(f"TorchScript export failed: {first_line(err)}") from None
-    return _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
+    diff = _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
+    outputs.write(out, data)
+    return diff
 
 
-def _export_pt2(model: nn.Module, tmp: Path, example: torch.Tensor, inputs, atol: float, opts: dict) -> float:
+def _export_pt2(model: nn.Module, out: Path, outputs: Outputs, example, inputs, atol: float, opts: dict) -> float:
     try:
         with quiet_fds():
             program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-            torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(opts.get("metadata") or {})})
-            reloaded = torch.export.load(str(tmp)).module()
+            extra = {METADATA_FILE: json.dumps(opts.get("metadata") or {})}
+            data = to_bytes(lambda buffer: torch.export.save(program, buffer, extra_files=extra))
+            reloaded = torch.export.load(io.BytesIO(data)).module()  # our own archive, just written
     except Exception as err:  # noqa: BLE001
         raise ExportError(f"torch.export failed: {first_line(err)}") from None
-    return _check_parity(model, reloaded, inputs, atol, "the reloaded torch.export program")
+    diff = _check_parity(model, reloaded, inputs, atol, "the reloaded torch.export program")
+    outputs.write(out, data)
+    return diff
 
 
 def export(
@@ -206,14 +225,18 @@ def export(
     external_data: bool = False,
     script: bool = False,
     metadata: dict | None = None,
+    outputs: Outputs | None = None,
 ) -> ExportResult:
     """Export ``model`` (in eval mode) to ``out`` and verify it; ``input_shape`` excludes the batch.
 
     ``metadata`` (JSON-able values under string keys) goes into the file: ONNX metadata_props,
-    or an extra file ``ddtool.json`` of TorchScript and .pt2 archives.
+    or an extra file ``ddtool.json`` of TorchScript and .pt2 archives. With ``outputs`` the file
+    is staged there, to be moved into place with the rest of a set of outputs.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if not (math.isfinite(atol) and atol >= 0):
+        raise ExportError(f"atol must be a finite number >= 0, not {atol}")
     servable = Servable(model.eval(), select, probabilities, class_dim).eval()
     dtype = getattr(torch, input_dtype)
     inputs = parity_inputs(tuple(input_shape), dtype)
@@ -221,19 +244,18 @@ def export(
     write = {"onnx": _export_onnx, "torchscript": _export_torchscript, "pt2": _export_pt2}[format]
     data_file = Path(str(out) + ".data") if external_data and format == "onnx" else None
     opts = {"opset": opset, "data_file": data_file, "script": script, "metadata": metadata}
-    try:
-        with atomic_output(out, force) as tmp:
-            diff = write(servable, tmp, example, inputs, atol, opts)
-    except BaseException:
+    with contextlib.nullcontext(outputs) if outputs is not None else Outputs(force) as staged:
+        staged.path(out)  # checked before the work: an input, or an existing file without --force
         if data_file is not None:
-            data_file.unlink(missing_ok=True)
-        raise
-    outputs = ["logits", "probabilities"] if probabilities else ["logits"]
-    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, outputs)
+            staged.path(data_file)
+        diff = write(servable, Path(out), staged, example, inputs, atol, opts)
+    names = ["logits", "probabilities"] if probabilities else ["logits"]
+    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, names)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The ddtool metadata of an exported file (ONNX metadata_props, or the archive's ddtool.json)."""
+    """The ddtool metadata of an exported file (ONNX metadata_props, or the archive's ddtool.json),
+    read without loading the model: nothing in the file runs."""
     path = Path(path)
     try:
         import onnx
@@ -242,17 +264,13 @@ def read_metadata(path: str | os.PathLike) -> dict:
         return {p.key: json.loads(p.value) for p in proto.metadata_props if p.key.startswith("ddtool")}
     except Exception:  # noqa: BLE001 - not ONNX: try the archives
         pass
-    for load in (lambda extra: torch.jit.load(str(path), map_location="cpu", _extra_files=extra),
-                 lambda extra: torch.export.load(str(path), extra_files=extra)):
-        extra = {METADATA_FILE: ""}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                load(extra)
-            return json.loads(extra[METADATA_FILE] or "{}")
-        except Exception:  # noqa: BLE001 - not this kind of archive
-            continue
-    return {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith(f"extra/{METADATA_FILE}")), None)
+            doc = json.loads(zf.read(name)) if name else {}
+        return doc if isinstance(doc, dict) else {}
+    except (zipfile.BadZipFile, OSError, ValueError, RecursionError):
+        return {}
 
 
 def export_loaded(
@@ -273,5 +291,8 @@ def export_loaded(
                               **(loaded.provenance or {})},
     }
     metadata = {k: v for k, v in metadata.items() if v is not None}
+    if metadata.get("ddtool.classes"):
+        example = parity_inputs(shape, getattr(torch, spec.get("dtype", "float32")))[0]
+        check_classes(metadata["ddtool.classes"], probe(loaded.model, example, options.get("select")).shape[1])
     return export(loaded.model, out, format, shape, input_dtype=spec.get("dtype", "float32"),
                   metadata=metadata, **options)

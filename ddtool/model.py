@@ -31,6 +31,21 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def nonfinite_weights(model: nn.Module) -> str | None:
+    """What is wrong if ``model`` holds NaN or infinite parameters, or NaN buffers (a buffer may
+    hold an -inf mask, never NaN), e.g. ``"NaN weights (3 of 10 values of fc.bias)"``; else None.
+    Every prediction of such a model is NaN, and a table of NaN is not a result."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+            continue
+        is_param = isinstance(tensor, nn.Parameter)
+        count = int((~torch.isfinite(tensor) if is_param else torch.isnan(tensor)).sum())
+        if count:
+            kind = "NaN or infinite" if is_param else "NaN"
+            return f"{kind} weights ({count:,} of {tensor.numel():,} values of {name})"
+    return None
+
+
 def count_parameters(model: nn.Module) -> int:
     """The number of parameter elements of ``model``."""
     return sum(p.numel() for p in model.parameters())

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import ModelError
+from .errors import DataError, ModelError, UsageError
 
 
 def parse_select(text: str | None) -> str | int | None:
@@ -48,3 +48,17 @@ def select_output(out, select: str | int | None = None) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         raise ModelError(f"the model returns a single tensor; there is no output {select!r} to choose")
     raise ModelError(f"the model returned {type(out).__name__}, not a tensor, tuple, dict or ModelOutput")
+
+
+def check_classes(classes: list[str] | None, outputs: int) -> None:
+    """Class names must name every output of the model, no more and no fewer."""
+    if classes and len(classes) != outputs:
+        raise DataError(f"{len(classes)} class name(s) ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}) "
+                        f"for a model with {outputs} outputs")
+
+
+def check_class_dim(out: torch.Tensor, class_dim: int) -> None:
+    """The class axis ``class_dim`` must be an axis of the prediction ``out`` other than its batch axis 0."""
+    if not (-out.dim() <= class_dim < out.dim() and class_dim % out.dim()):
+        raise UsageError(f"--class-dim {class_dim}: the model's output has shape {tuple(out.shape)}, so the class axis "
+                         f"is one of 1..{out.dim() - 1} (axis 0 is the batch)")

@@ -9,13 +9,21 @@ commands do, so that a script gets exactly what the command line gets:
                          its history and verified exports, in one folder    (ddtool distill)
     evaluate_folder      a checkpoint, distilled bundles and a folder -> the
                          standard / MC / distilled comparison               (ddtool evaluate)
+    export_checkpoint    a checkpoint -> a verified ONNX / TorchScript / .pt2 (ddtool export)
+    predict_folder       a model and a folder -> top-k classes per input    (ddtool predict)
 
-Every output is checked before any work starts (an existing file without ``force``, an
-interrupted run without ``resume``), so a run that would fail to write fails first.
+Every call declares what it reads (the checkpoint or bundle, the data folder, an ``--arch`` file,
+a class-names file) before it writes anything, and no output may resolve to one of those inputs,
+whatever ``force`` says (:func:`ddtool.files.protect_inputs`). Every output is checked before any
+work starts (an existing file without ``force``, an interrupted run without ``resume``), so a run
+that would fail to write fails first. ``distill_to_folder`` holds a lock on its folder for the
+whole run, so a second run on the same folder refuses at once, and writes the bundle, the
+history and every export together or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,15 +36,18 @@ from torch import nn
 from . import parallel
 from .checkpoint import BUNDLE_NAME, LoadedModel, load_model, save_bundle
 from .compress import shrunk_student, student_from_arch
-from .data import Preprocess, example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
-from .distillation import DistillConfig, distill, resolve_device
+from .data import Preprocess, UnlabelledSet, example_input, input_spec, open_distill_data, read_folder, resolve_preprocess
+from .distillation import DistillConfig, DistillResult, distill, resolve_device
 from .dropout import DropoutSite, find_dropout, require_dropout
-from .errors import NoDropoutError, OutputError, UsageError
+from .errors import DataError, NoDropoutError, OutputError, UsageError
 from .evaluation import EvalReport, evaluate, plot
 from .exporting import SUFFIXES, ExportResult, export_loaded
-from .files import check_output, write_text
-from .model import count_parameters
+from .files import Outputs, check_output, check_output_folder, folder_lock, json_safe, protected_inputs
+from .limits import check_distill, require
+from .model import count_parameters, probe
+from .outputs import check_class_dim, check_classes
 from .parallel import World
+from .predict import load_predictor, parse_classes, predict, write_predictions
 
 #: The resumable state of an interrupted run, in the output folder.
 RESUME_NAME = "resume.pt"
@@ -50,6 +61,36 @@ def _preprocess(loaded: LoadedModel, recorded: dict | None = None, **overrides) 
     (or ``recorded``) records, else the defaults of :func:`ddtool.data.resolve_preprocess`."""
     return resolve_preprocess(loaded.model, recorded or loaded.preprocess, overrides.get("channels"),
                               overrides.get("size"), overrides.get("mean"), overrides.get("std"))
+
+
+# --------------------------------------------------------------------------- inputs
+def _model_file(path: PathLike | None) -> Path | None:
+    """What a model argument reads: a distill --out folder's bundle file (other files may be
+    written beside it, such as an evaluation plot), else the path itself (a file, or a whole
+    transformers folder)."""
+    if path is None:
+        return None
+    path = Path(path)
+    return path / BUNDLE_NAME if (path / BUNDLE_NAME).is_file() else path
+
+
+def _arch_file(spec: str | None) -> Path | None:
+    """The file an ``--arch file.py:factory`` names (an input like any other), if it is one."""
+    target = (spec or "").rpartition(":")[0]
+    return Path(target) if target.endswith(".py") or "/" in target else None
+
+
+def _class_names(classes: list[str] | str | None) -> tuple[list[str] | None, Path | None]:
+    """Class names given as a list, or as ``--classes`` text (comma-separated names, or a file of
+    one name per line), and the file they were read from (an input), if any."""
+    if classes is None or isinstance(classes, (list, tuple)):
+        return (list(classes) if classes else None), None
+    path = Path(classes)
+    return parse_classes(classes), path if path.is_file() else None
+
+
+def _unused(entries) -> list[dict]:
+    return [u.as_dict() for u in entries]
 
 
 # --------------------------------------------------------------------------- inspect
@@ -78,16 +119,19 @@ class Inspection:
 
 def inspect_checkpoint(checkpoint: PathLike, arch: str | None = None, arch_args: dict | None = None, *,
                        input_shape: tuple[int, ...] | None = None, data: PathLike | None = None,
-                       sample_drop_path: bool = False, trust: bool = False, **preprocess) -> Inspection:
+                       sample_drop_path: bool = False, trust: bool = False, follow_outside: bool = False,
+                       **preprocess) -> Inspection:
     """Load ``checkpoint`` and find its dropout sites, running the model once on the first two
     inputs of ``data``, a seeded input of ``input_shape`` (without the batch), or the input the
-    format provides (bundles, transformers folders, .pt2 programs), in that order of preference."""
-    loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
-    pre = _preprocess(loaded, **preprocess)
-    if data is not None:
-        example = pre.prepare(read_folder(data, pre, labelled=False, limit=2).x)
-    else:
-        example = example_input(tuple(input_shape)) if input_shape else loaded.example
+    format provides (bundles, transformers folders, .pt2 programs), in that order of preference.
+    ``follow_outside`` follows symlinks in ``data`` that lead outside it."""
+    with protected_inputs(_model_file(checkpoint), data, _arch_file(arch)):
+        loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
+        pre = _preprocess(loaded, **preprocess)
+        if data is not None:
+            example = pre.prepare(read_folder(data, pre, labelled=False, limit=2, follow_outside=follow_outside).x)
+        else:
+            example = example_input(tuple(input_shape)) if input_shape else loaded.example
     sites = find_dropout(loaded.model, example, sample_drop_path)
     try:
         require_dropout(loaded.model, example, sample_drop_path)
@@ -112,15 +156,19 @@ class FolderResult:
     history: list[dict] = field(default_factory=list)
     compression: dict = field(default_factory=dict)  # parameters of teacher and student, if smaller
     exports: list[ExportResult] = field(default_factory=list)
+    unused: list[dict] = field(default_factory=list)  # entries of the data folder not used, with the reason
+    notes: list[dict] = field(default_factory=list)  # inputs used only in part (an animation's first frame)
 
     def as_dict(self) -> dict:
         return {"bundle": self.bundle, "inputs": self.inputs, "held_out": self.held_out, "skipped": self.skipped,
                 "best_epoch": self.best_epoch, "shared_prefix": self.shared_prefix, **self.compression,
-                "history": self.history, "exports": [e.as_dict() for e in self.exports]}
+                "history": self.history, "exports": [e.as_dict() for e in self.exports], "unused": self.unused,
+                "notes": self.notes}
 
 
 def _outputs(out: Path, formats, resume: bool, force: bool) -> dict[str, Any]:
     """Every path the run will write, checked now: bundle, history, exports, resumable state."""
+    check_output_folder(out)  # not an input, not inside one, holding none
     paths = {"bundle": check_output(out / BUNDLE_NAME, force), "history": check_output(out / HISTORY_NAME, force),
              "exports": [check_output(out / f"model{SUFFIXES[f]}", force) for f in formats], "resume": out / RESUME_NAME}
     if paths["resume"].exists() and not (resume or force):
@@ -142,81 +190,203 @@ def _student(loaded: LoadedModel, student_arch: str | None, student_arch_args, s
     return student, ref, compression
 
 
+def _check_run(loaded: LoadedModel, student, train: UnlabelledSet, pre: Preprocess, config: DistillConfig,
+               world: World, classes: list[str] | None) -> None:
+    """What can be refused before the first step: a teacher batch or a student that cannot fit in
+    memory, a class axis the output does not have, class names that do not name every output."""
+    example = pre.prepare(train.sample(2))
+    check_distill(loaded.model, student or loaded.model, example, min(parallel.local_batch(world, config.batch_size),
+                  len(train)), config.teacher_samples, resolve_device(config.device))
+    if config.loss == "kl" or classes:
+        out = probe(loaded.model, example, config.output)
+        check_class_dim(out, config.class_dim)
+        check_classes(classes, out.shape[config.class_dim])
+
+
+def _fingerprint(arch_ref: dict, pre: Preprocess) -> dict:
+    """What, besides the teacher and the inputs, makes a resumed run the same run: the student's
+    architecture (its reference without archive bytes or absolute paths) and the preprocessing."""
+    def strip(r):
+        if isinstance(r, dict):
+            return {k: strip(v) for k, v in r.items() if k not in ("archive", "abs")}
+        return r if isinstance(r, (str, int, float, bool, type(None), list)) else str(type(r))
+    return {"architecture": json.dumps(strip(arch_ref), sort_keys=True, default=str),
+            "preprocessing": json.dumps(pre.as_dict(), sort_keys=True)}
+
+
+def _write_results(paths: dict, result: DistillResult, bundle: dict, formats, reload: dict, select,
+                   force: bool) -> list[ExportResult]:
+    """The bundle (``bundle``: the fields of :func:`ddtool.checkpoint.save_bundle`), the history
+    and every export, all or nothing; then the resumable state, which is no longer needed. The
+    exports are made from the bundle as saved (reloaded with ``reload``): what is exported is
+    what was saved."""
+    with Outputs(force) as outputs:
+        save_bundle(paths["bundle"], result.student, outputs=outputs, **bundle)
+        outputs.write(paths["history"], (json.dumps(json_safe(result.history), indent=2) + "\n").encode())
+        saved = load_model(outputs.path(paths["bundle"]), **reload) if formats else None
+        exports = [export_loaded(saved, path, fmt, select=select, outputs=outputs)
+                   for fmt, path in zip(formats, paths["exports"])]
+    paths["resume"].unlink(missing_ok=True)  # the results are in place: nothing left to resume
+    return exports
+
+
 def distill_to_folder(
     checkpoint: PathLike, data: PathLike, out: PathLike, config: DistillConfig | None = None, *,
     arch: str | None = None, arch_args: dict | None = None,
     student_arch: str | None = None, student_arch_args: dict | None = None, shrink: dict[str, float] | None = None,
-    classes: list[str] | None = None, export: list[str] = (), cache_mb: float = 1024, workers: int | None = None,
-    resume: bool = False, trust: bool = False, force: bool = False,
+    classes: list[str] | str | None = None, export: list[str] = (), cache_mb: float = 1024, workers: int | None = None,
+    resume: bool = False, trust: bool = False, force: bool = False, follow_outside: bool = False,
     progress: Callable[[dict], None] | None = None, world: World | None = None, **preprocess,
 ) -> FolderResult | None:
     """Distill ``checkpoint`` on the inputs of the folder ``data`` into ``out``: what ``ddtool distill`` does.
 
     ``out`` receives the bundle (``model.pt``: weights, architecture, preprocessing, class names,
-    provenance), ``history.json``, the ``export`` formats (each verified against PyTorch) and,
-    while running, ``resume.pt`` (continued with ``resume=True``). The student is a copy of the
-    teacher, ``shrink`` ({layer: fraction kept}) of it, or ``student_arch``. ``preprocess``
-    holds channels, size (H, W), mean and std overrides. Under torchrun (``world``, read from the
-    environment by default) every rank calls this; rank 0 writes, reports ``progress`` and gets
-    the result, the others get None.
+    provenance, and a code-free program of the student), ``history.json``, the ``export`` formats
+    (each verified against PyTorch) and, while running, ``resume.pt`` (continued with
+    ``resume=True``; it stays until the results are in place). The student is a copy of the
+    teacher, ``shrink`` ({layer: fraction kept}) of it, or ``student_arch``. ``classes`` are
+    names or ``--classes`` text; ``preprocess`` holds channels, size (H, W), mean and std
+    overrides. Under torchrun (``world``, read from the environment by default) every rank
+    calls this; rank 0 locks ``out``, writes, reports ``progress`` and gets the result, the
+    others get None.
     """
     config, out, world = config or DistillConfig(), Path(out), world or parallel.from_environment()
-    paths = _outputs(out, export, resume, force)
-    if student_arch and shrink:
-        raise UsageError("--student-arch and --shrink are two ways to a smaller student: choose one")
-    loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
-    pre = _preprocess(loaded, **preprocess)
-    pin = resolve_device(config.device).type == "cuda"
-    train, val = open_distill_data(data, pre, config.val_fraction, config.seed, cache_mb, workers, pin_memory=pin)
-    student, arch_ref, compression = _student(loaded, student_arch, student_arch_args, shrink)
-    result = distill(loaded.model, train, pre, config, progress if world.main else None, val=val, student=student,
-                     checkpoint=paths["resume"], resume=resume, teacher_sha256=loaded.sha256, world=world)
-    if not world.main:
-        return None  # rank 0 writes the results
-    held_out = 0 if val is None else len(val)
-    provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256, "teacher_format": loaded.format,
-                  "inputs": len(train), "held_out": held_out, "settings": config.as_dict(),
-                  "best_epoch": result.best_epoch, **compression}
-    save_bundle(paths["bundle"], result.student, arch_ref=arch_ref, preprocess=pre.as_dict(), classes=classes,
-                input_spec=input_spec(pre, next(train.batches(torch.arange(1), 1))), provenance=provenance, force=force)
-    write_text(paths["history"], json.dumps(result.history, indent=2) + "\n", force=force)
-    bundle = load_model(paths["bundle"], trust=trust) if export else None  # what is exported is what was saved
-    exports = [export_loaded(bundle, path, fmt, force=force, select=config.output)
-               for fmt, path in zip(export, paths["exports"])]
+    names, names_file = _class_names(classes)
+    with protected_inputs(_model_file(checkpoint), data, _arch_file(arch), _arch_file(student_arch), names_file):
+        paths = _outputs(out, export, resume, force)
+        if student_arch and shrink:
+            raise UsageError("--student-arch and --shrink are two ways to a smaller student: choose one")
+        with folder_lock(out) if world.main else contextlib.nullcontext():  # a second run on ``out`` refuses here
+            loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
+            pre = _preprocess(loaded, **preprocess)
+            train, val = open_distill_data(data, pre, config.val_fraction, config.seed, cache_mb, workers,
+                                           pin_memory=resolve_device(config.device).type == "cuda",
+                                           follow_outside=follow_outside)
+            student, arch_ref, compression = _student(loaded, student_arch, student_arch_args, shrink)
+            _check_run(loaded, student, train, pre, config, world, names)
+            result = distill(loaded.model, train, pre, config, progress if world.main else None, val=val,
+                             student=student, checkpoint=paths["resume"], resume=resume, teacher_sha256=loaded.sha256,
+                             world=world, fingerprint=_fingerprint(arch_ref, pre), keep_checkpoint=True)
+            if not world.main:
+                return None  # rank 0 writes the results
+            held_out = 0 if val is None else len(val)
+            provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
+                          "teacher_format": loaded.format, "inputs": len(train), "held_out": held_out,
+                          "settings": config.as_dict(), "best_epoch": result.best_epoch, **compression}
+            bundle = {"arch_ref": arch_ref, "preprocess": pre.as_dict(), "classes": names, "provenance": provenance,
+                      "input_spec": input_spec(pre, train.sample(1))}
+            exports = _write_results(paths, result, bundle, export, {"arch": student_arch or arch, "trust": trust},
+                                     config.output, force)
     return FolderResult(str(paths["bundle"]), len(train), held_out, train.skipped, result.best_epoch,
-                        result.shared_prefix, result.history, compression, exports)
+                        result.shared_prefix, result.history, compression, exports, _unused(train.unused),
+                        _unused(train.notes))
 
 
 # --------------------------------------------------------------------------- evaluate
+def _model_classes(given: list[str] | None, models: list[LoadedModel]) -> list[str] | None:
+    """The class names the models answer in: ``given``, else those the bundles record (which
+    must agree with each other)."""
+    recorded = {tuple(m.classes) for m in models if m.classes}
+    if given:
+        return given
+    if len(recorded) > 1:
+        raise DataError("the models record different class names; pass --classes to say which are right")
+    return list(next(iter(recorded))) if recorded else None
+
+
 def evaluate_folder(
     checkpoint: PathLike, data: PathLike, distilled: list[PathLike] = (), *,
     arch: str | None = None, arch_args: dict | None = None, mc_samples: int = 100, repeats: int = 1,
     batch_size: int = 256, timing: bool = True, seed: int = 0, select: str | int | None = None,
     sample_drop_path: bool = False, trust: bool = False, plot_to: PathLike | None = None, force: bool = False,
-    class_dim: int | None = None, **preprocess,
+    class_dim: int | None = None, classes: list[str] | str | None = None, follow_outside: bool = False, **preprocess,
 ) -> EvalReport:
     """Compare the checkpoint's standard and MC dropout with each ``distilled`` model on the
     folder ``data``: what ``ddtool evaluate`` does. A distilled model is named after its folder;
-    the preprocessing and the class axis are the ones the distilled bundles recorded
-    (``preprocess`` and ``class_dim`` override them). ``plot_to`` also writes the PNG of
+    the preprocessing, the class axis and the class names are the ones the distilled bundles
+    recorded (``preprocess``, ``class_dim`` and ``classes`` override them). Class subfolders of
+    ``data`` are matched to the class names by name. ``plot_to`` also writes the PNG of
     :func:`ddtool.evaluation.plot`."""
     if mc_samples < 1 or batch_size < 1 or repeats < 1:
         raise UsageError("--mc-samples, --batch-size and --repeats must be at least 1")
-    if plot_to is not None:
-        check_output(plot_to, force)
-    teacher = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
-    students: dict[str, LoadedModel] = {}
-    for path in map(Path, distilled):
-        name = path.parent.name if path.name == BUNDLE_NAME else path.name
-        students[name if name not in students else str(path)] = load_model(path, arch=arch, arch_args=arch_args, trust=trust)
-    recorded = next((s.preprocess for s in students.values() if s.preprocess), None)
-    pre = _preprocess(teacher, recorded, **preprocess)
-    if class_dim is None:
-        settings = [(s.provenance or {}).get("settings") or {} for s in students.values()]
-        class_dim = next((d["class_dim"] for d in settings if "class_dim" in d), 1)
-    report = evaluate(teacher.model, read_folder(data, pre), pre, {k: v.model for k, v in students.items()},
-                      mc_samples=mc_samples, batch_size=batch_size, seed=seed, select=select,
-                      sample_drop_path=sample_drop_path, repeats=repeats, timing=timing, class_dim=class_dim)
-    if plot_to is not None:
-        plot(report, plot_to, force=force)
+    names, names_file = _class_names(classes)
+    with protected_inputs(_model_file(checkpoint), data, *map(_model_file, distilled), _arch_file(arch), names_file):
+        if plot_to is not None:
+            check_output(plot_to, force)
+        teacher = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
+        students: dict[str, LoadedModel] = {}
+        for path in map(Path, distilled):
+            name = path.parent.name if path.name == BUNDLE_NAME else path.name
+            students[name if name not in students else str(path)] = load_model(path, arch=arch, arch_args=arch_args,
+                                                                               trust=trust)
+        names = _model_classes(names, [teacher, *students.values()])
+        recorded = next((s.preprocess for s in students.values() if s.preprocess), None)
+        pre = _preprocess(teacher, recorded, **preprocess)
+        if class_dim is None:
+            settings = [(s.provenance or {}).get("settings") or {} for s in students.values()]
+            class_dim = next((d["class_dim"] for d in settings if "class_dim" in d), 1)
+        report = evaluate(teacher.model, read_folder(data, pre, follow_outside=follow_outside), pre,
+                          {k: v.model for k, v in students.items()}, mc_samples=mc_samples, batch_size=batch_size,
+                          seed=seed, select=select, sample_drop_path=sample_drop_path, repeats=repeats, timing=timing,
+                          class_dim=class_dim, classes=names)
+        if plot_to is not None:
+            plot(report, plot_to, force=force)
     return report
+
+
+# --------------------------------------------------------------------------- export
+def export_checkpoint(
+    checkpoint: PathLike, out: PathLike, format: str = "onnx", *, arch: str | None = None,
+    arch_args: dict | None = None, input_shape: tuple[int, ...] | None = None, classes: list[str] | str | None = None,
+    trust: bool = False, force: bool = False, **options,
+) -> ExportResult:
+    """Export the model of ``checkpoint`` (a bundle or distill folder, or any checkpoint ddtool
+    reads) to ``out`` and verify it: what ``ddtool export`` does. The input shape and the
+    metadata (preprocessing, class names, provenance) come from what the checkpoint records;
+    ``options`` are those of :func:`ddtool.exporting.export` (atol, opset, external_data, script,
+    probabilities, select)."""
+    names, names_file = _class_names(classes)
+    with protected_inputs(_model_file(checkpoint), _arch_file(arch), names_file):
+        check_output(out, force)
+        loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
+        return export_loaded(loaded, out, format, input_shape=input_shape, classes=names, force=force, **options)
+
+
+# --------------------------------------------------------------------------- predict
+@dataclass
+class Predictions:
+    """What :func:`predict_folder` predicted, with what and where it wrote them."""
+
+    runtime: str  # "onnxruntime" or "pytorch"
+    rows: list[dict]  # per input: its file and its top-k (class, index, probability)
+    path: str | None = None  # the file the predictions were written to, if any
+    unused: list[dict] = field(default_factory=list)  # entries of the folder not used, with the reason
+    notes: list[dict] = field(default_factory=list)  # inputs used only in part
+
+    def as_dict(self) -> dict:
+        where = {"predictions": self.path, "inputs": len(self.rows)} if self.path else {"predictions": self.rows}
+        return {"runtime": self.runtime, **where, "unused": self.unused, "notes": self.notes}
+
+
+def predict_folder(
+    model: PathLike, data: PathLike, out: PathLike | None = None, *, top_k: int = 5, batch_size: int = 256,
+    arch: str | None = None, arch_args: dict | None = None, classes: list[str] | str | None = None,
+    select: str | int | None = None, trust: bool = False, follow_outside: bool = False, force: bool = False,
+    **preprocess,
+) -> Predictions:
+    """The top-k classes of every input of the folder ``data`` by ``model`` (an ONNX file run in
+    onnxruntime, an archive, or any checkpoint), with the model's own preprocessing: what
+    ``ddtool predict`` does. ``out`` (a .csv or .json file) also receives them."""
+    names, names_file = _class_names(classes)
+    with protected_inputs(_model_file(model), data, _arch_file(arch), names_file):
+        if out is not None:
+            check_output(out, force)
+        predictor = load_predictor(model, arch, arch_args, trust, select, names, **preprocess)
+        inputs = read_folder(data, predictor.preprocess, labelled=False, follow_outside=follow_outside)
+        require(min(batch_size, len(inputs)) * inputs.x[:1].numel() * 4, f"--batch-size {batch_size} inputs",
+                "lower --batch-size")
+        rows = predict(predictor, inputs, top_k, batch_size)
+        if out is not None:
+            write_predictions(rows, out, force)
+    return Predictions(predictor.runtime, rows, None if out is None else str(out), _unused(inputs.unused),
+                       _unused(inputs.notes))

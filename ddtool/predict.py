@@ -24,8 +24,8 @@ from .checkpoint import load_model
 from .data import Inputs, Preprocess, resolve_preprocess
 from .errors import CheckpointError, DataError, ModelError, UsageError, first_line
 from .exporting import read_metadata
-from .files import atomic_output
-from .outputs import select_output
+from .files import display_path, is_regular_file, write_text
+from .outputs import check_classes, select_output
 
 
 @dataclass
@@ -97,8 +97,8 @@ def _with_channels(overrides: dict, channels) -> dict:
 
 def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: int = 256) -> list[dict]:
     """One record per input: its file and its top-k (class, index, probability)."""
-    if top_k < 1:
-        raise UsageError("--top-k must be at least 1")
+    if top_k < 1 or batch_size < 1:
+        raise UsageError("--top-k and --batch-size must be at least 1")
     rows = []
     for start in range(0, len(inputs), batch_size):
         raw = inputs.x[start:start + batch_size]
@@ -107,11 +107,17 @@ def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: in
         except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
             raise ModelError(f"the model failed on inputs of shape {tuple(raw.shape)}: "
                              f"{first_line(err)}") from None
+        bad = (~torch.isfinite(probs)).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise ModelError(f"the model gives NaN or infinite outputs for {len(bad)} input(s), e.g. "
+                             f"{display_path(inputs.paths[start + bad[0]])}; no predictions written")
+        if start == 0:
+            check_classes(predictor.classes, probs.shape[1])
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
             top = [{"index": j, "class": _name(predictor.classes, j), "probability": round(v, 6)} for v, j in zip(vals, idxs)]
-            rows.append({"file": str(inputs.paths[start + i]), "top": top})
+            rows.append({"file": display_path(inputs.paths[start + i]), "top": top})
     return rows
 
 
@@ -123,7 +129,7 @@ def write_predictions(rows: list[dict], out: str | os.PathLike, force: bool = Fa
     """Write predictions as CSV (file, then class/probability per rank) or JSON, by suffix."""
     out = Path(out)
     if out.suffix.lower() == ".json":
-        text = json.dumps(rows, indent=2) + "\n"
+        text = json.dumps(rows, indent=2, allow_nan=False) + "\n"
     elif out.suffix.lower() == ".csv":
         k = max((len(r["top"]) for r in rows), default=0)
         buffer = io.StringIO()
@@ -134,8 +140,7 @@ def write_predictions(rows: list[dict], out: str | os.PathLike, force: bool = Fa
         text = buffer.getvalue()
     else:
         raise UsageError(f"--out {out.name}: predictions are written as .csv or .json")
-    with atomic_output(out, force) as tmp:
-        tmp.write_text(text)
+    write_text(out, text, force)
     return out
 
 
@@ -144,8 +149,11 @@ def parse_classes(text: str | None) -> list[str] | None:
     if not text:
         return None
     path = Path(text)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if is_regular_file(path):
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"--classes file {path} could not be read: {getattr(err, 'strerror', None) or err}") from None
     else:
         names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:

@@ -3,10 +3,13 @@
 A run writes its state after every epoch and when SIGINT/SIGTERM asks it to stop (between two
 steps): the student's weights, the optimizer's state, every rank's random state (torch's, which
 draws the teacher's masks, and the generator of the perturbations), the history so far, the best
-epoch with early stopping, and the settings. The data order of an epoch is a function of
+epoch with early stopping, the settings, and the run's fingerprint (the teacher's hash, the
+inputs' names, sizes and count, the architecture and preprocessing), so that ``--resume`` of
+another run is refused instead of mixing two runs. The data order of an epoch is a function of
 (seed, epoch) only, so nothing else is needed to continue to the same weights an uninterrupted
-run reaches. Only rank 0 writes; the file is replaced atomically, so a run killed half-way
-through a write leaves the previous state intact.
+run reaches. Only rank 0 writes; the state is serialized in memory (``torch.save`` raises
+``RuntimeError``, not ``OSError``, on a full disk) and replaced atomically, so a run killed
+half-way through a write leaves the previous state intact.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import EXIT_INTERRUPTED, CheckpointError, DDToolError, UsageError, first_line
-from .files import atomic_output
+from .files import to_bytes, write_bytes
 
 #: Marks a file as ddtool's resumable state (and its layout's version).
 RESUME_KEY = "ddtool_resume"
@@ -73,21 +77,27 @@ def stop_requests():
 
 def save_state(path: Path, **state) -> None:
     """Write the resumable state (plain tensors, numbers and strings) to ``path``, atomically."""
-    with atomic_output(path, force=True) as tmp:
-        torch.save({RESUME_KEY: 1, **state}, tmp)
+    write_bytes(path, to_bytes(lambda buffer: torch.save({RESUME_KEY: 1, **state}, buffer)), force=True)
 
 
-def load_state(path: Path, config: dict, world_size: int) -> dict:
-    """The state of an interrupted run, checked against this run's settings ``config`` and
-    process count: only :data:`RESUMABLE_CHANGES` may differ."""
+def load_state(path: Path, config: dict, world_size: int, fingerprint: dict | None = None) -> dict:
+    """The state of an interrupted run, checked against this run's ``fingerprint`` (the teacher's
+    hash, the inputs, the architecture: what makes it the same run), its settings ``config``
+    (only :data:`RESUMABLE_CHANGES` may differ) and its process count."""
     if not path.is_file():
         raise UsageError(f"--resume: no resumable checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{path} is not a ddtool resumable checkpoint (unreadable: {first_line(err)})") from None
-    if not isinstance(state, dict) or state.get(RESUME_KEY) != 1:
+    if not isinstance(state, dict) or state.get(RESUME_KEY) != 1 or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path} is not a ddtool resumable checkpoint")
+    saved_fingerprint = state.get("fingerprint") if isinstance(state.get("fingerprint"), dict) else {}
+    for key, value in (fingerprint or {}).items():
+        if key in saved_fingerprint and saved_fingerprint[key] != value:
+            verb = "differ" if key.endswith("s") else "differs"
+            raise UsageError(f"--resume: the {key} {verb} from the interrupted run's ({str(saved_fingerprint[key])[:40]} "
+                             f"then, {str(value)[:40]} now); continue with the same ones, or start over with --force")
     saved = state["config"]
     changed = [name for name in config if name not in RESUMABLE_CHANGES and saved.get(name) != config[name]]
     if changed:
@@ -96,6 +106,33 @@ def load_state(path: Path, config: dict, world_size: int) -> dict:
                          "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change")
     if state.get("world_size", 1) != world_size:
         raise UsageError(f"--resume: the interrupted run had {state.get('world_size', 1)} process(es), this one {world_size}")
+    return state
+
+
+def restore(saved: dict, path: Path, student: nn.Module, opt: torch.optim.Optimizer, generator: torch.Generator,
+            rank: int, steps_per_epoch: int) -> RunState:
+    """Load the interrupted run's state (from :func:`load_state`) into the student, the optimizer
+    and this rank's generator. A state of other shapes or types (another model, a damaged or
+    hand-made file) is a :class:`CheckpointError`, never a half-restored run."""
+    try:
+        student.load_state_dict(saved["student"])
+        opt.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"][rank])
+        state = RunState(int(saved["epoch"]), int(saved["step"]), list(saved["history"]), saved.get("best"),
+                         saved["rng"][rank])
+        if not (isinstance(state.rng, torch.Tensor) and state.rng.dtype == torch.uint8
+                and state.rng.shape == torch.get_rng_state().shape):
+            raise ValueError("the saved random state has another type or size")
+        if not (0 <= state.epoch and 0 <= state.step <= steps_per_epoch):
+            raise ValueError(f"epoch {state.epoch}, step {state.step} out of range")
+        if state.best is not None:
+            shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+            if {k: tuple(v.shape) for k, v in state.best["student"].items()} != shapes:
+                raise ValueError("the best epoch's weights have other shapes")
+            state.best = {"epoch": int(state.best["epoch"]), "fidelity": float(state.best["fidelity"]),
+                          "student": state.best["student"]}
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path} does not fit this run (another model or settings?): {first_line(err)[:200]}") from None
     return state
 
 

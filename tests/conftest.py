@@ -35,6 +35,13 @@ def write_images(folder: Path, n: int, seed: int = 0, size: int = 8, mode: str =
     return paths
 
 
+def save_tiny_teacher(folder: Path) -> Path:
+    """The seeded tiny teacher's state dict saved as ``folder/teacher.pt`` (for module-scoped fixtures)."""
+    torch.manual_seed(0)
+    torch.save(tiny_arch.tiny().state_dict(), folder / "teacher.pt")
+    return folder / "teacher.pt"
+
+
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)

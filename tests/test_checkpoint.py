@@ -80,20 +80,27 @@ def test_arch_errors(tiny_ckpt, spec, message):
 
 
 def test_bad_arch_args():
-    with pytest.raises(CheckpointError, match="JSON"):
+    from ddtool.errors import UsageError
+
+    with pytest.raises(UsageError, match="JSON"):
         parse_arch_args("{classes: 5}")
-    with pytest.raises(CheckpointError, match="object"):
+    with pytest.raises(UsageError, match="object"):
         parse_arch_args("[1, 2]")
 
 
 def test_bundle_round_trip_needs_no_arch(tmp_path, tiny_model):
     path = save_bundle(tmp_path / "b" / "model.pt", tiny_model, arch_ref=factory_ref(ARCH),
                        preprocess={"channels": 1, "size": [8, 8], "mean": [0.0], "std": [1.0]},
-                       provenance={"teacher_sha256": "ab" * 32})
-    loaded = load_model(path.parent)  # the folder works as well as the file
-    assert loaded.format == "ddtool-bundle" and _same_weights(loaded.model, tiny_model)
+                       input_spec={"shape": [1, 8, 8], "dtype": "float32"}, provenance={"teacher_sha256": "ab" * 32})
+    loaded = load_model(path.parent)  # the folder works as well as the file; the program needs no code
+    assert loaded.format == "ddtool-bundle" and loaded.arch_ref["kind"] == "torch-export"
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), tiny_model.eval()(x), atol=1e-6)
     assert loaded.preprocess["size"] == [8, 8]
     assert loaded.provenance["teacher_sha256"] == "ab" * 32 and "ddtool_version" in loaded.provenance
+    with_arch = load_model(path, arch=ARCH)  # the same factory named: the module itself
+    assert with_arch.arch_ref["kind"] == "factory" and _same_weights(with_arch.model, tiny_model)
 
 
 def test_bundle_refuses_to_overwrite_without_force(tmp_path, tiny_model):
@@ -325,14 +332,20 @@ def test_damaged_torchscript_archive(tmp_path, tiny_model):
         load_model(broken)
 
 
-def test_bundle_whose_architecture_file_is_gone(tmp_path, tiny_model):
+def test_bundle_without_program_needs_the_same_factory(tmp_path, tiny_model):
     arch_file = tmp_path / "net.py"
     arch_file.write_text((TESTS / "tiny_arch.py").read_text())
-    save_bundle(tmp_path / "b" / "model.pt", tiny_model, arch_ref=factory_ref(f"{arch_file}:tiny"))
-    arch_file.unlink()
-    with pytest.raises(CheckpointError, match="--arch file not found"):
+    save_bundle(tmp_path / "b" / "model.pt", tiny_model, arch_ref=factory_ref(f"{arch_file}:tiny"), program=False)
+    with pytest.raises(CheckpointError, match=f"pass --arch {arch_file}:tiny"):
         load_model(tmp_path / "b")
-    assert load_model(tmp_path / "b", arch=ARCH).format == "ddtool-bundle"  # --arch stands in
+    with pytest.raises(CheckpointError, match="another factory"):
+        load_model(tmp_path / "b", arch=f"{TESTS / 'tiny_arch.py'}:narrow")
+    assert load_model(tmp_path / "b", arch=f"{arch_file}:tiny").format == "ddtool-bundle"
+    arch_file.unlink()  # moved away: a file with the same content (SHA-256) is the same factory
+    assert load_model(tmp_path / "b", arch=ARCH).format == "ddtool-bundle"
+    (tmp_path / "other.py").write_text((TESTS / "tiny_arch.py").read_text() + "\n# changed\n")
+    with pytest.raises(CheckpointError, match="another factory"):
+        load_model(tmp_path / "b", arch=f"{tmp_path / 'other.py'}:tiny")
 
 
 def test_torch_export_program_with_a_pickled_payload_runs_no_code(tmp_path, monkeypatch):

@@ -230,8 +230,10 @@ def test_student_arch_from_the_command_line(tmp_path, tiny_ckpt, unlabelled):
     assert doc["student_parameters"] < doc["teacher_parameters"] and 0 < doc["tensors_from_teacher"] < 8
     import ddtool
 
-    student = ddtool.load_model(out).model  # the bundle rebuilds the narrow student by itself
-    assert student[5].out_features == 4 and ddtool.load_model(out).provenance["student_parameters"] == doc["student_parameters"]
+    student = ddtool.load_model(out, arch=f"{TINY_ARCH}:narrow").model  # named again: the bundle's args rebuild it
+    assert student[5].out_features == 4
+    without = ddtool.load_model(out)  # not named: the bundle's code-free program, none of the factory's code
+    assert without.arch == "torch-export" and without.provenance["student_parameters"] == doc["student_parameters"]
     assert_one_line_error(run("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", tmp_path / "x",
                               "--student-arch", f"{TINY_ARCH}:narrow", "--shrink", "5=0.5"), 2, "choose one")
 
@@ -314,3 +316,14 @@ def test_compile_on_a_tiny_model(tmp_path, tiny_ckpt, unlabelled):
     assert result.exit_code == 0, result.output
     eager, compiled = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("eager", "compiled"))
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-5) for k in eager)
+
+
+def test_a_bundle_distills_again_through_its_program(tmp_path, tiny_ckpt, unlabelled):
+    """Without --arch a bundle is its code-free program, whose weights were saved frozen: it still
+    teaches, and its student is trainable."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run("distill", tiny_ckpt, "--arch", ARCH, "--data", unlabelled, "--out", first, "--epochs", 1).exit_code == 0
+    result = run("distill", first, "--data", unlabelled, "--out", second, "--epochs", 1, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(run("inspect", second, "--json").stdout)
+    assert doc["arch"] == "torch-export" and len(doc["dropout"]) == 2

@@ -62,13 +62,17 @@ def test_shrink_errors(tiny_model):
         shrunk_student(tiny_model, {}, {"8": 0.5})
 
 
-def test_shrunk_bundle_rebuilds_without_flags(tmp_path, tiny_model):
+def test_shrunk_bundle_rebuilds_from_the_teachers_arch_or_its_program(tmp_path, tiny_model):
     student, ref = shrunk_student(tiny_model, factory_ref(ARCH), {"5": 0.25})
     assert _count(student) < _count(tiny_model)
-    save_bundle(tmp_path / "model.pt", student, arch_ref=ref)
-    loaded = load_model(tmp_path / "model.pt")
+    save_bundle(tmp_path / "model.pt", student, arch_ref=ref, input_spec={"shape": [1, 8, 8], "dtype": "float32"})
+    loaded = load_model(tmp_path / "model.pt", arch=ARCH)  # the teacher's factory, shrunk as recorded
     assert loaded.model[5].out_features == 4
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), student.state_dict().values()))
+    program = load_model(tmp_path / "model.pt")  # no flags: the code-free program
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert program.arch_ref["kind"] == "torch-export" and torch.allclose(program.model(x), student.eval()(x), atol=1e-6)
 
 
 def test_student_arch_copies_matching_tensors(tiny_model):

@@ -4,11 +4,9 @@ import csv
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-import tiny_arch
-from conftest import ARCH, write_images
+from conftest import ARCH, save_tiny_teacher, write_images
 from ddtool.cli import app
 
 runner = CliRunner()
@@ -22,8 +20,7 @@ def run(*args):
 def served(tmp_path_factory):
     """One distillation with every export, shared by the tests here: (its folder, the images)."""
     root = tmp_path_factory.mktemp("served")
-    torch.manual_seed(0)
-    torch.save(tiny_arch.tiny().state_dict(), root / "teacher.pt")
+    save_tiny_teacher(root)
     write_images(root / "unlabelled", 48)
     out = root / "d"
     result = run("distill", root / "teacher.pt", "--arch", ARCH, "--data", root / "unlabelled", "--out", out,

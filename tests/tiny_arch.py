@@ -61,3 +61,16 @@ class Tagger(nn.Module):
 
 def tagger(classes: int = 3) -> nn.Module:
     return Tagger(classes)
+
+
+def wide(classes: int = 3) -> nn.Sequential:
+    """A conv net for any image size (global pooling), wide enough that its activations are large."""
+    return nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes),
+    )
+
+
+def linear(classes: int = 3) -> nn.Sequential:
+    """A linear classifier of 8x8 images, with dropout on its inputs."""
+    return nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, classes))
