@@ -55,3 +55,18 @@ def test_inspect_checkpoint(tiny_ckpt):
     assert found.format == "state-dict" and found.ran_model and found.no_dropout is None
     assert [(s.name, s.calls) for s in found.sites] == [("2", 1), ("7", 1)]
     found.require_dropout()
+
+
+def test_export_and_predict_calls_protect_their_inputs_for_their_own_run(tmp_path, tiny_ckpt, unlabelled):
+    with pytest.raises(ddtool.DDToolError, match="would overwrite or write into the input"):
+        ddtool.export_checkpoint(tiny_ckpt, tiny_ckpt, "torchscript", arch=ARCH, input_shape=(1, 8, 8), force=True)
+    with pytest.raises(ddtool.DDToolError, match="would overwrite or write into the input"):
+        ddtool.predict_folder(tiny_ckpt, unlabelled, unlabelled / "p.csv", arch=ARCH, force=True)
+    exported = ddtool.export_checkpoint(tiny_ckpt, tmp_path / "m.ts", "torchscript", arch=ARCH, input_shape=(1, 8, 8))
+    assert exported.path == str(tmp_path / "m.ts")
+    found = ddtool.predict_folder(tmp_path / "m.ts", unlabelled, top_k=2)
+    cli = runner.invoke(app, [str(a) for a in ("predict", tmp_path / "m.ts", "--data", unlabelled, "--top-k", 2, "--json")])
+    assert cli.exit_code == 0 and json.loads(cli.stdout) == found.as_dict() and len(found.rows) == 48
+    # the protection is the call's own: once it returns, the checkpoint it read is a path like any other
+    ddtool.export_checkpoint(tmp_path / "m.ts", tiny_ckpt, "torchscript", input_shape=(1, 8, 8), force=True)
+    assert ddtool.load_model(tiny_ckpt).format == "torchscript"
