@@ -106,10 +106,11 @@ class Inspection:
     ran_model: bool  # whether the model ran on an input (functional sites and call counts need it)
     traceable: bool  # False for TorchScript, which is not traced from Python
     no_dropout: str | None = None  # why nothing would be sampled, if so
+    unused: list[dict] = field(default_factory=list)  # entries of --data not used, with the reason
 
     def as_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "format": self.format, "arch": self.arch, "parameters": self.parameters,
-                "ran_model": self.ran_model, "dropout": [s.as_dict() for s in self.sites]}
+                "ran_model": self.ran_model, "dropout": [s.as_dict() for s in self.sites], "unused": self.unused}
 
     def require_dropout(self) -> None:
         """Raise :class:`NoDropoutError` when the model has no active dropout."""
@@ -128,8 +129,10 @@ def inspect_checkpoint(checkpoint: PathLike, arch: str | None = None, arch_args:
     with protected_inputs(_model_file(checkpoint), data, _arch_file(arch)):
         loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
         pre = _preprocess(loaded, **preprocess)
+        unused = []
         if data is not None:
-            example = pre.prepare(read_folder(data, pre, labelled=False, limit=2, follow_outside=follow_outside).x)
+            inputs = read_folder(data, pre, labelled=False, limit=2, follow_outside=follow_outside)
+            example, unused = pre.prepare(inputs.x), _unused(inputs.unused)
         else:
             example = example_input(tuple(input_shape)) if input_shape else loaded.example
     sites = find_dropout(loaded.model, example, sample_drop_path)
@@ -139,7 +142,7 @@ def inspect_checkpoint(checkpoint: PathLike, arch: str | None = None, arch_args:
     except NoDropoutError as err:
         why = str(err)
     return Inspection(str(checkpoint), loaded.format, loaded.arch, count_parameters(loaded.model), sites,
-                      example is not None, not isinstance(loaded.model, torch.jit.ScriptModule), why)
+                      example is not None, not isinstance(loaded.model, torch.jit.ScriptModule), why, unused)
 
 
 # --------------------------------------------------------------------------- distill

@@ -476,6 +476,8 @@ def test_every_input_is_counted_and_every_other_entry_reported(world):
     assert "note: " in result.stderr and "not used" in result.stderr
     followed = world.expect_success("predict", world.ckpt, "--arch", ARCH, "--data", data, "--json", "--follow-outside")
     assert len(json.loads(followed.stdout)["predictions"]) == 14
+    inspected = json.loads(world.expect_success("inspect", world.ckpt, "--arch", ARCH, "--data", data, "--json").stdout)
+    assert {Path(u["path"]).name[:20]: u["reason"] for u in inspected["unused"]} == reasons  # inspect lists them too
 
 
 @pytest.mark.slow
