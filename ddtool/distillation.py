@@ -39,7 +39,7 @@ from torch import nn
 from .data import Preprocess, UnlabelledSet, perturbation, split_positions
 from .dropout import check_dropout, deterministic
 from . import parallel
-from .errors import DDToolError, ModelError, UsageError
+from .errors import DDToolError, ModelError, UsageError, first_line
 from .mc import MCSampler
 from .model import clone_model, freeze, nonfinite_weights, probe, uses_channels_last
 from .outputs import check_class_dim, select_output
@@ -240,6 +240,22 @@ def _held_out(data, preprocess: Preprocess, config: DistillConfig, val):
     return data, val
 
 
+def _compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``, refused up front when inductor has no C++ compiler to build its
+    kernels with (as in the slim Docker image): compilation is lazy, and would otherwise fail as
+    an internal error at the first step."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let torch.compile say it
+        return torch.compile(model)
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # noqa: BLE001 (InvalidCxxCompiler, or whatever the search raises)
+        raise UsageError(f"--compile needs a C++ compiler for torch's inductor backend ({first_line(err)}); "
+                         "install one (e.g. g++) or run without --compile") from None
+    return torch.compile(model)
+
+
 def _models(model: nn.Module, student: nn.Module | None, example, device, config: DistillConfig):
     """The frozen teacher and the student (a copy of the teacher unless given), on ``device``
     and in channels_last for conv nets on images."""
@@ -274,7 +290,7 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     if world.distributed:  # gradients all-reduced across ranks at every backward pass
         trained = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:  # the student only: under the sampling mode, the teacher recompiles at every op
-        trained = torch.compile(trained)
+        trained = _compiled(trained)
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
     generator = torch.Generator().manual_seed(_rank_seed(config, world))
     perturb = perturbation(config.perturb, config.flip, generator)

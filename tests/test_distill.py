@@ -200,6 +200,16 @@ def test_model_without_dropout_is_refused():
         distill(tiny_arch.no_dropout(), _inputs(8), PRE)
 
 
+def test_compile_without_a_cxx_compiler_is_a_clear_error(tiny_model, monkeypatch):
+    """As in the slim image: inductor finds no C++ compiler, and --compile says so before the
+    first step instead of failing inside it."""
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler++",))
+    with pytest.raises(UsageError, match="--compile needs a C\\+\\+ compiler"):
+        distill(tiny_model, _inputs(8), PRE, DistillConfig(epochs=1, compile=True))
+
+
 def test_inputs_that_do_not_fit_the_model(tiny_model):
     with pytest.raises(ModelError, match=r"failed on inputs of shape \(2, 1, 5, 5\)"):
         distill(tiny_model, torch.rand(8, 1, 5, 5), PRE)
