@@ -65,7 +65,7 @@ from .arch import (arch_hint, build_arch, build_factory_ref, factory_of, factory
                    with_factory)
 from .compress import rebuild_shrunk
 from .data import Preprocess, spec_example
-from .dropout import DropoutSite
+from .dropout import program_running_stats, program_sites, program_switches
 from .errors import CheckpointError, UsageError, first_line
 from .files import Outputs, is_regular_file, sha256, to_bytes, write_bytes
 from .limits import require_fits
@@ -320,12 +320,16 @@ def _load_torchscript(source, what: str) -> nn.Module:
 
 
 class ExportedModel(nn.Module):
-    """A torch.export program as a module whose dropout follows ``train()``/``eval()``.
+    """A torch.export program as a module whose random ops follow ``train()``/``eval()``.
 
-    torch.export records ``aten.dropout(x, p, train)`` with the train flag of the moment of
-    export and refuses ``train()`` on the module it returns. This wrapper flips that flag in
-    the graph instead (and recompiles it), so MC sampling and deterministic inference both
-    work; BatchNorm nodes keep the mode they were exported in.
+    torch.export records each random op as it ran at export (``aten.dropout(x, p, train)`` with
+    the flag of the moment, SDPA's ``dropout_p``, a drop path's ``bernoulli_``) and refuses
+    ``train()`` on the module it returns. This wrapper switches those ops in the graph instead
+    (:func:`ddtool.dropout.program_switches`) and recompiles it, so MC sampling and deterministic
+    inference both work; drop paths are sampled only when ``sample_drop_path`` is set (as
+    ``--sample-drop-path`` does). A program exported in train mode has its batch norms turned to
+    their eval form (running statistics) once, at load. ``refused`` lists the random ops that
+    cannot be switched (the loader refuses such a program).
     """
 
     DROPOUT_OPS = ("aten.dropout.default", "aten.native_dropout.default", "aten.feature_dropout.default",
@@ -334,6 +338,10 @@ class ExportedModel(nn.Module):
     def __init__(self, graph_module: nn.Module):
         super().__init__()
         self.program = graph_module
+        self.batch_norms_turned = program_running_stats(graph_module.graph)
+        self.switches, self.refused = program_switches(graph_module.graph)
+        self.sample_drop_path = False
+        self._state: tuple | None = None
         self.training = False
         self.train(False)
 
@@ -342,22 +350,20 @@ class ExportedModel(nn.Module):
 
     def train(self, mode: bool = True):  # no recursion: the exported module refuses train()
         self.training = mode
-        for node in self._dropout_nodes():
-            node.update_arg(2, mode)
-        self.program.recompile()
+        state = tuple(mode and (self.sample_drop_path or not s.drop_path) for s in self.switches)
+        if state != self._state:  # recompiling costs milliseconds: only on a change
+            for switch, sample in zip(self.switches, state):
+                switch.apply(self.program.graph, sample)
+            self.program.recompile()
+            self._state = state
         return self
 
     def forward(self, *args, **kwargs):
         return self.program(*args, **kwargs)
 
-    def ddtool_dropout_sites(self):
-        sites = []
-        for node in self._dropout_nodes():
-            stack = node.meta.get("nn_module_stack") or {}
-            name = list(stack.values())[-1][0] if stack else node.name
-            sites.append(DropoutSite(f"program.{name}" if name else "program", str(node.target).split(".")[1],
-                                     float(node.args[1]), "module"))
-        return sites
+    def ddtool_dropout_sites(self, sample_drop_path: bool = False):
+        return program_sites(self.switches, sample_drop_path)
+
 
 
 _UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")
@@ -571,13 +577,19 @@ def _load_exported(source, what: str, trust: bool, require_dropout_ops: bool = T
     if not trust:  # the program's own graph; what unlifting adds (input guards) torch generates itself
         _check_graph_targets(program.graph_module, what)
     model = ExportedModel(module)
-    if require_dropout_ops and not model._dropout_nodes():
+    if model.refused:
+        shown = ", ".join(model.refused[:4]) + (f" and {len(model.refused) - 4} more" if len(model.refused) > 4 else "")
+        raise CheckpointError(f"{what} draws random numbers in ops ddtool cannot switch off: {shown}; give its state dict "
+                              "and --arch instead")
+    if require_dropout_ops and not model.switches:
         raise CheckpointError(f"{what} has no dropout op left in its graph, so there is nothing to sample: "
                               "export the model with its dropout layers in place, or give its state dict and --arch")
     example = None
     if program.example_inputs:
         args, kwargs = program.example_inputs
         example = args[0] if len(args) == 1 and not kwargs else (kwargs if not args else tuple(args))
+    if isinstance(example, torch.Tensor) and example.dim() == 4:  # (N, C, H, W): the program's own channels
+        model.ddtool_input_channels = int(example.shape[1])
     return model, example
 
 
