@@ -5,8 +5,9 @@ The format is detected from the file's content, never its extension:
   state-dict     torch.save of a state dict (zip or legacy pickle), also nested under the usual
                  keys and with DataParallel/compile prefixes; needs ``--arch``
   safetensors    a .safetensors file; needs ``--arch``
-  torchscript    a TorchScript archive; needs nothing
-  torch-export   a torch.export program (.pt2); its dropout ops are switched in the graph
+  torchscript    a TorchScript archive; needs nothing (its dropout is read from its graph)
+  torch-export   a torch.export program (.pt2); its random ops are switched in the graph, its
+                 training-mode batch norms turned to running statistics (ExportedModel)
   pickled-module torch.save(model): refused unless ``trust=True`` (``--trust-checkpoint``)
   hf             a Hugging Face transformers folder (config.json + weights), ``ddtool[hf]``
   ddtool-bundle  ddtool's own output; needs nothing

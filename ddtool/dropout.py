@@ -35,8 +35,13 @@ MC mode samples dropout and changes nothing else: every module computes as in ev
     pass in MC mode with the one in train mode, and only they are put in train mode. This is the
     one limitation: anything else such a module's own forward does differently in training
     happens too (its children stay in eval mode).
-TorchScript archives cannot be traced from Python: MC mode puts them in train mode except for
-normalisation layers with running statistics, which stay in eval mode and are never updated.
+TorchScript archives cannot be traced from Python: their sites are read from their graph
+(:func:`script_sites`), and MC mode puts them in train mode except for normalisation layers with
+running statistics, which stay in eval mode and are never updated. torch.export programs switch
+their random ops in their own graph (:func:`program_switches`).
+
+Whether sampling does vary the outputs is checked statistically (:func:`outputs_vary`), so that
+a drop path that happens not to drop in two passes over two inputs is not taken for no dropout.
 """
 
 from __future__ import annotations

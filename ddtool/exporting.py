@@ -220,19 +220,23 @@ def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, 
     is replaced by the scripted model when the model scripts and that is all it is asked to
     export (no --probabilities, no --output), and refused (exit 7) with the reason otherwise."""
     data, reloaded = _torchscript(model, example, opts, bool(opts.get("script")))
-    fixed = None if opts.get("script") else _fixed_batch(reloaded, model, example, inputs)
-    if fixed:
+    try:
+        diff = _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
+    except ExportError:
+        fixed = None if opts.get("script") else _fixed_batch(reloaded, model, example, inputs)
+        if not fixed:
+            raise
         why = f"tracing fixed the batch size at {example.shape[0]}: {fixed}"
         if model.probabilities or model.select is not None:
             raise ExportError(f"TorchScript export failed: {why}; export without --probabilities and --output (it is then "
-                              "scripted), or to onnx or pt2; nothing written")
+                              "scripted), or to onnx or pt2; nothing written") from None
         try:
             data, reloaded = _torchscript(model, example, opts, True)
         except ExportError as err:
             raise ExportError(f"TorchScript export failed: {why}, and scripting failed too ({err}); export to onnx "
                               "or pt2, which keep the batch axis dynamic; nothing written") from None
         print(f"note: {why}; the model was scripted instead", file=sys.stderr)
-    diff = _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
+        diff = _check_parity(model, reloaded, inputs, atol, "the scripted TorchScript model")
     outputs.write(out, data)
     return diff
 

@@ -245,3 +245,20 @@ def test_timm_like_state_dicts_from_inspect_to_export(tmp_path, name):
     with torch.no_grad(), deterministic(program.model):
         x = torch.randn(2, 3, 16, 16)
         assert torch.equal(program.model(x), program.model(x))
+
+
+class Unscriptable(torch.nn.Module):
+    """Fixes the batch as an int when traced, and uses Python TorchScript cannot compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(int(x.shape[0]), -1)) * len(type(self).__name__)
+
+
+def test_a_trace_that_fixes_the_batch_of_a_model_that_does_not_script_is_export_error(tmp_path):
+    with pytest.raises(ExportError, match="fixed the batch size at 2.*scripting failed too"):
+        export(Unscriptable(), tmp_path / "m.ts", "torchscript", (3, 4))
+    assert not (tmp_path / "m.ts").exists()
