@@ -58,7 +58,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from .errors import DDToolError, ModelError, NoDropoutError, first_line
+from .errors import CheckpointError, DDToolError, ModelError, NoDropoutError, first_line
 from .outputs import select_output
 
 #: Module types whose training flag switches random masking on.
@@ -280,8 +280,8 @@ def _module_site(name: str, module: nn.Module, sample_drop_path: bool) -> Dropou
         kind = original if original in _DROPOUT_NAMES else cls
         if not hasattr(module, "p"):  # a traced TorchScript module keeps no attributes
             p, train = _traced_dropout(module)
-            return DropoutSite(name, f"{kind} (traced: fixed off)" if train is False else kind, p, "module",
-                               sampled=train is not False)
+            fixed = " (traced: fixed off)" if train is False else " (traced: fixed on)" if train is True else ""
+            return DropoutSite(name, kind + fixed, p, "module", sampled=train is not False)
         return DropoutSite(name, kind, float(module.p), "module")
     if isinstance(module, nn.MultiheadAttention):
         return DropoutSite(name, cls, float(module.dropout), "attention")
@@ -537,6 +537,11 @@ def check_dropout(model: nn.Module, example=None, sample_drop_path: bool = False
     that no way of writing dropout can escape), statistically: see :data:`ACTIVITY_PAIRS`.
     """
     plan = plan_mc(model, example, sample_drop_path)
+    fixed_on = [s for s in plan.sites if "fixed on" in s.kind]
+    if fixed_on:
+        raise CheckpointError(f"this TorchScript model's dropout ({fixed_on[0].name}: {fixed_on[0].kind}) always drops "
+                              "units (it was traced in train mode, or called with training=True), so the model can never "
+                              "run deterministically: trace it in eval mode or script it, or give its state dict and --arch")
     if not any(s.sampled for s in plan.sites):
         scripted = isinstance(model, torch.jit.ScriptModule)
         hint = " (functional dropout is found only by running the model on an input)" if example is None and not \
@@ -811,9 +816,10 @@ def script_sites(model: nn.Module, sample_drop_path: bool = False) -> list[Dropo
             p = (None if p is None else 1.0 - p) if name == "bernoulli_" else p
             if p is not None and p <= 0:
                 continue
-            key = (path or "<root>", name)
+            fixed_on = train_at is not None and inputs[train_at].node().kind() == "prim::Constant"  # (True)
+            key = (path or "<root>", name + (" (fixed on)" if fixed_on else ""))
             old = sites.get(key)
             found_by = "attention" if "attention" in name else "functional"
             sites[key] = replace(old, calls=old.calls + 1) if old else DropoutSite(
-                key[0], name, float("nan") if p is None else round(p, 12), found_by, 1)
+                key[0], key[1], float("nan") if p is None else round(p, 12), found_by, 1)
     return list(sites.values())

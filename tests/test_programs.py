@@ -262,3 +262,15 @@ def test_a_trace_that_fixes_the_batch_of_a_model_that_does_not_script_is_export_
     with pytest.raises(ExportError, match="fixed the batch size at 2.*scripting failed too"):
         export(Unscriptable(), tmp_path / "m.ts", "torchscript", (3, 4))
     assert not (tmp_path / "m.ts").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet", "tiny"])
+def test_archive_traced_in_train_mode_is_refused(tmp_path, name):
+    """Traced in train mode, dropout is recorded as always on: no deterministic model exists."""
+    import tiny_arch
+
+    torch.manual_seed(0)
+    model, x = (timm_like.resnet(), torch.randn(2, 3, 16, 16)) if name == "resnet" else (tiny_arch.tiny(), torch.randn(2, 1, 8, 8))
+    archive = _archive(torch.jit.trace(model.train(), x, check_trace=False), tmp_path / "t.ts")
+    with pytest.raises(CheckpointError, match="always drops units"):
+        check_dropout(archive, x)
