@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import io
@@ -361,6 +362,15 @@ class ExportedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.program(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        """The usual deep copy, without the FutureWarning torch's pytree specs give when copied."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     def ddtool_dropout_sites(self, sample_drop_path: bool = False):
         return program_sites(self.switches, sample_drop_path)

@@ -783,6 +783,10 @@ def _script_number(model: nn.Module, path: str, value, depth: int = 3) -> float 
         got = value.toIValue()
     elif node.kind() == "prim::GetAttr":
         got = getattr(_submodule(model, path), node.s("name"), None)
+    elif node.kind() == "prim::If" and depth:  # ``p if self.training else 0.``: the value when sampling
+        at = list(node.outputs()).index(value)
+        branches = [_script_number(model, path, list(b.outputs())[at], depth - 1) for b in node.blocks()]
+        got = max((b for b in branches if b is not None), default=None) if None not in branches else None
     elif node.kind() in ("aten::sub", "aten::rsub") and depth:
         a, b = (_script_number(model, path, v, depth - 1) for v in list(node.inputs())[:2])
         got = None if a is None or b is None else (a - b if node.kind() == "aten::sub" else b - a)

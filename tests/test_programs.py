@@ -139,9 +139,9 @@ def test_scripted_functional_dropout_is_found_from_the_graph(tmp_path, name):
 def test_scripted_vit_attention_and_drop_paths_are_found(tmp_path):
     torch.manual_seed(0)
     model = _archive(torch.jit.script(timm_like.vit().eval()), tmp_path / "vit.ts")
-    found = {(s.name, s.kind, s.sampled) for s in find_dropout(model)}
-    assert ("blocks.0.attn", "scaled_dot_product_attention", True) in found
-    assert ("blocks.1.drop_path", "DropPath", False) in found
+    found = {(s.name, s.kind, s.p, s.sampled) for s in find_dropout(model)}
+    assert ("blocks.0.attn", "scaled_dot_product_attention", 0.1, True) in found  # p of ``p if self.training else 0.``
+    assert ("blocks.1.drop_path", "DropPath", 0.1, False) in found
 
 
 def test_scripted_archive_without_dropout_says_what_to_pass(tmp_path):
