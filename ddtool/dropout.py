@@ -574,6 +574,8 @@ def require_dropout(model: nn.Module, example=None, sample_drop_path: bool = Fal
 #   bernoulli(x, keep) / x.bernoulli_(keep), the masks of hand-written drop paths
 #       replaced by their expectation when deterministic: full_like(x, keep) / x.fill_(keep),
 #       so that ``x * mask / keep`` is ``x`` again, exactly as in eval mode;
+#   bernoulli(probabilities), hand-written dropout
+#       replaced by its expectation, the probabilities themselves;
 #   floor(rand(...) + keep), the older timm drop path's mask
 #       replaced by its expectation ``keep`` in the same way.
 # Any other random op (randn noise, a rand mask of another form, ...) cannot be switched, and the
@@ -674,6 +676,12 @@ def _switch_of(node) -> ProgramSwitch | str | None:
         site, drop_path = _program_site(node, "bernoulli", round(1.0 - keep, 12), "functional")
         return ProgramSwitch(node.name, "target", 0, op, expectation[op], ((keep,), (keep,)), site=site,
                              drop_path=drop_path)
+    if op is aten.bernoulli.default:  # bernoulli(probabilities): its expectation is its input
+        probs = node.args[0]
+        keep = probs.args[1] if getattr(probs, "target", None) in (aten.full_like.default, aten.full.default) else None
+        p = round(1.0 - keep, 12) if isinstance(keep, float) else float("nan")
+        site, drop_path = _program_site(node, "bernoulli", p, "functional")
+        return ProgramSwitch(node.name, "target", 0, op, aten.clone.default, site=site, drop_path=drop_path)
     if op in (aten.rand.default, aten.rand_like.default) and _floor_of_rand(node) is not None:
         floor, keep = _floor_of_rand(node)
         site, drop_path = _program_site(node, "rand", round(1.0 - keep, 12), "functional")

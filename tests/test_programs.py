@@ -95,6 +95,33 @@ class Noisy(torch.nn.Module):
         return self.fc(self.drop(x + torch.randn_like(x) * 0.1 if self.training else x))
 
 
+class HandWritten(torch.nn.Module):
+    """Dropout written by hand with ``torch.bernoulli`` of a probability tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.training:
+            x = x * torch.bernoulli(torch.full_like(x, 0.75)) / 0.75
+        return self.fc(x)
+
+
+def test_program_with_bernoulli_of_probabilities_is_switched(tmp_path):
+    torch.manual_seed(0)
+    model = HandWritten()
+    program = torch.export.export(model.train(), (torch.randn(2, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "hand.pt2"))
+    loaded = load_model(tmp_path / "hand.pt2")
+    assert [(s.kind, s.p) for s in find_dropout(loaded.model)] == [("bernoulli", 0.25)]
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model.eval()(x), atol=1e-6)
+        with mc_mode(loaded.model):
+            assert not torch.equal(loaded.model(x), loaded.model(x))
+
+
 def test_program_with_a_random_op_that_cannot_be_switched_is_refused(tmp_path):
     program = torch.export.export(Noisy().train(), (torch.randn(2, 8),))
     torch.export.save(program, str(tmp_path / "noisy.pt2"))
@@ -264,6 +291,7 @@ def test_a_trace_that_fixes_the_batch_of_a_model_that_does_not_script_is_export_
     assert not (tmp_path / "m.ts").exists()
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("name", ["resnet", "tiny"])
 def test_archive_traced_in_train_mode_is_refused(tmp_path, name):
     """Traced in train mode, dropout is recorded as always on: no deterministic model exists."""
