@@ -754,7 +754,9 @@ def _load(path: Path, fmt: str, arch: str | None, arch_args: dict | None, trust:
         if fmt == "torchscript":
             return LoadedModel(_load_torchscript(io.BytesIO(data), what).eval(), fmt, path, digest, arch_ref=ref)
         model, example = _load_exported(io.BytesIO(data), what, trust)
-        return LoadedModel(model.eval(), fmt, path, digest, example=example, arch_ref=ref)
+        spec = {"shape": list(example.shape[1:]), "dtype": str(example.dtype).removeprefix("torch.")} \
+            if isinstance(example, torch.Tensor) and example.dim() > 1 else None  # the program's own input
+        return LoadedModel(model.eval(), fmt, path, digest, example=example, arch_ref=ref, input_spec=spec)
     digest = sha256(path)
     if fmt == "safetensors":
         obj = _load_safetensors(path)

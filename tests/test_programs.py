@@ -131,8 +131,13 @@ def test_program_with_a_random_op_that_cannot_be_switched_is_refused(tmp_path):
 
 def test_program_channels_come_from_its_example_input(tmp_path):
     torch.manual_seed(0)
-    loaded = load_model(_export_train_mode(timm_like.vit(), tmp_path / "vit.pt2"))
+    model = timm_like.vit()
+    path = _export_train_mode(model, tmp_path / "vit.pt2")
+    loaded = load_model(path)
     assert resolve_preprocess(loaded.model).channels == 3
+    assert loaded.input_spec == {"shape": [3, 16, 16], "dtype": "float32"}
+    result = export_checkpoint(path, tmp_path / "vit.onnx", "onnx")  # no --input-shape needed
+    assert result.input_shape == [3, 16, 16] and result.max_abs_diff < 1e-4
 
 
 @pytest.mark.slow
