@@ -754,6 +754,9 @@ def _load(path: Path, fmt: str, arch: str | None, arch_args: dict | None, trust:
         if fmt == "torchscript":
             return LoadedModel(_load_torchscript(io.BytesIO(data), what).eval(), fmt, path, digest, arch_ref=ref)
         model, example = _load_exported(io.BytesIO(data), what, trust)
+        if model.batch_norms_turned:
+            print(f"note: {path.name} was exported in train mode: its {model.batch_norms_turned} batch norm(s) run on "
+                  "their running statistics, as in eval mode", file=sys.stderr)
         spec = {"shape": list(example.shape[1:]), "dtype": str(example.dtype).removeprefix("torch.")} \
             if isinstance(example, torch.Tensor) and example.dim() > 1 else None  # the program's own input
         return LoadedModel(model.eval(), fmt, path, digest, example=example, arch_ref=ref, input_spec=spec)

@@ -40,11 +40,12 @@ def _export_train_mode(model, path, decompose: bool = False):
 
 # --------------------------------------------------------------------------- .pt2 in train mode
 @pytest.mark.parametrize("decompose", [False, True], ids=["training-ir", "core-aten"])
-def test_train_mode_program_switches_every_random_op(tmp_path, decompose):
+def test_train_mode_program_switches_every_random_op(tmp_path, decompose, capfd):
     torch.manual_seed(0)
     model = _trained_stats(timm_like.vit(batch_norm=True, old_drop_path=True))
     stats = model.stem_norm.running_mean.clone()
     loaded = load_model(_export_train_mode(model, tmp_path / "vit.pt2", decompose))
+    assert "1 batch norm(s) run on their running statistics" in capfd.readouterr().err
     program = loaded.model
     sites = {(s.name, s.kind): s for s in find_dropout(program, loaded.example)}
     attention = "native_dropout" if decompose else "scaled_dot_product_attention"  # SDPA is decomposed in core ATen
