@@ -334,9 +334,6 @@ class ExportedModel(nn.Module):
     cannot be switched (the loader refuses such a program).
     """
 
-    DROPOUT_OPS = ("aten.dropout.default", "aten.native_dropout.default", "aten.feature_dropout.default",
-                   "aten.alpha_dropout.default", "aten.feature_alpha_dropout.default")
-
     def __init__(self, graph_module: nn.Module):
         super().__init__()
         self.program = graph_module
@@ -347,15 +344,13 @@ class ExportedModel(nn.Module):
         self.training = False
         self.train(False)
 
-    def _dropout_nodes(self):
-        return [n for n in self.program.graph.nodes if n.op == "call_function" and str(n.target) in self.DROPOUT_OPS]
-
     def train(self, mode: bool = True):  # no recursion: the exported module refuses train()
         self.training = mode
         state = tuple(mode and (self.sample_drop_path or not s.drop_path) for s in self.switches)
         if state != self._state:  # recompiling costs milliseconds: only on a change
+            nodes = {node.name: node for node in self.program.graph.nodes}
             for switch, sample in zip(self.switches, state):
-                switch.apply(self.program.graph, sample)
+                switch.apply(nodes[switch.node], sample)
             self.program.recompile()
             self._state = state
         return self
@@ -374,7 +369,6 @@ class ExportedModel(nn.Module):
 
     def ddtool_dropout_sites(self, sample_drop_path: bool = False):
         return program_sites(self.switches, sample_drop_path)
-
 
 
 _UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")

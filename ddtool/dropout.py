@@ -604,8 +604,8 @@ class ProgramSwitch:
     site: DropoutSite | None = None  # what inspect reports (None for a node that only helps another)
     drop_path: bool = False  # sampled only with --sample-drop-path
 
-    def apply(self, graph, sample: bool) -> None:
-        node = next(n for n in graph.nodes if n.name == self.node)
+    def apply(self, node, sample: bool) -> None:
+        """Switch ``node`` (the graph's node named ``self.node``)."""
         if self.how == "argument":
             value = self.on if sample else self.off
             node.update_arg(self.at, value) if isinstance(self.at, int) else node.update_kwarg(self.at, value)
