@@ -128,6 +128,9 @@ def test_program_with_a_random_op_that_cannot_be_switched_is_refused(tmp_path):
     torch.export.save(program, str(tmp_path / "noisy.pt2"))
     with pytest.raises(CheckpointError, match="randn_like.*--arch"):
         load_model(tmp_path / "noisy.pt2")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "noisy.pt2")])
+    assert result.exit_code == 3 and result.output.strip().splitlines()[-1].startswith("error:")
+    assert "randn_like (in the top-level module)" in result.output
 
 
 def test_program_channels_come_from_its_example_input(tmp_path):
