@@ -5,8 +5,9 @@ The format is detected from the file's content, never its extension:
   state-dict     torch.save of a state dict (zip or legacy pickle), also nested under the usual
                  keys and with DataParallel/compile prefixes; needs ``--arch``
   safetensors    a .safetensors file; needs ``--arch``
-  torchscript    a TorchScript archive; needs nothing
-  torch-export   a torch.export program (.pt2); its dropout ops are switched in the graph
+  torchscript    a TorchScript archive; needs nothing (its dropout is read from its graph)
+  torch-export   a torch.export program (.pt2); its random ops are switched in the graph, its
+                 training-mode batch norms turned to running statistics (ExportedModel)
   pickled-module torch.save(model): refused unless ``trust=True`` (``--trust-checkpoint``)
   hf             a Hugging Face transformers folder (config.json + weights), ``ddtool[hf]``
   ddtool-bundle  ddtool's own output; needs nothing
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import io
@@ -65,7 +67,7 @@ from .arch import (arch_hint, build_arch, build_factory_ref, factory_of, factory
                    with_factory)
 from .compress import rebuild_shrunk
 from .data import Preprocess, spec_example
-from .dropout import DropoutSite
+from .dropout import program_running_stats, program_sites, program_switches
 from .errors import CheckpointError, UsageError, first_line
 from .files import Outputs, is_regular_file, sha256, to_bytes, write_bytes
 from .limits import require_fits
@@ -320,44 +322,53 @@ def _load_torchscript(source, what: str) -> nn.Module:
 
 
 class ExportedModel(nn.Module):
-    """A torch.export program as a module whose dropout follows ``train()``/``eval()``.
+    """A torch.export program as a module whose random ops follow ``train()``/``eval()``.
 
-    torch.export records ``aten.dropout(x, p, train)`` with the train flag of the moment of
-    export and refuses ``train()`` on the module it returns. This wrapper flips that flag in
-    the graph instead (and recompiles it), so MC sampling and deterministic inference both
-    work; BatchNorm nodes keep the mode they were exported in.
+    torch.export records each random op as it ran at export (``aten.dropout(x, p, train)`` with
+    the flag of the moment, SDPA's ``dropout_p``, a drop path's ``bernoulli_``) and refuses
+    ``train()`` on the module it returns. This wrapper switches those ops in the graph instead
+    (:func:`ddtool.dropout.program_switches`) and recompiles it, so MC sampling and deterministic
+    inference both work; drop paths are sampled only when ``sample_drop_path`` is set (as
+    ``--sample-drop-path`` does). A program exported in train mode has its batch norms turned to
+    their eval form (running statistics) once, at load. ``refused`` lists the random ops that
+    cannot be switched (the loader refuses such a program).
     """
-
-    DROPOUT_OPS = ("aten.dropout.default", "aten.native_dropout.default", "aten.feature_dropout.default",
-                   "aten.alpha_dropout.default", "aten.feature_alpha_dropout.default")
 
     def __init__(self, graph_module: nn.Module):
         super().__init__()
         self.program = graph_module
+        self.batch_norms_turned = program_running_stats(graph_module.graph)
+        self.switches, self.refused = program_switches(graph_module.graph)
+        self.sample_drop_path = False
+        self._state: tuple | None = None
         self.training = False
         self.train(False)
 
-    def _dropout_nodes(self):
-        return [n for n in self.program.graph.nodes if n.op == "call_function" and str(n.target) in self.DROPOUT_OPS]
-
     def train(self, mode: bool = True):  # no recursion: the exported module refuses train()
         self.training = mode
-        for node in self._dropout_nodes():
-            node.update_arg(2, mode)
-        self.program.recompile()
+        state = tuple(mode and (self.sample_drop_path or not s.drop_path) for s in self.switches)
+        if state != self._state:  # recompiling costs milliseconds: only on a change
+            nodes = {node.name: node for node in self.program.graph.nodes}
+            for switch, sample in zip(self.switches, state):
+                switch.apply(nodes[switch.node], sample)
+            self.program.recompile()
+            self._state = state
         return self
 
     def forward(self, *args, **kwargs):
         return self.program(*args, **kwargs)
 
-    def ddtool_dropout_sites(self):
-        sites = []
-        for node in self._dropout_nodes():
-            stack = node.meta.get("nn_module_stack") or {}
-            name = list(stack.values())[-1][0] if stack else node.name
-            sites.append(DropoutSite(f"program.{name}" if name else "program", str(node.target).split(".")[1],
-                                     float(node.args[1]), "module"))
-        return sites
+    def __deepcopy__(self, memo):
+        """The usual deep copy, without the FutureWarning torch's pytree specs give when copied."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
+    def ddtool_dropout_sites(self, sample_drop_path: bool = False):
+        return program_sites(self.switches, sample_drop_path)
 
 
 _UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")
@@ -571,13 +582,19 @@ def _load_exported(source, what: str, trust: bool, require_dropout_ops: bool = T
     if not trust:  # the program's own graph; what unlifting adds (input guards) torch generates itself
         _check_graph_targets(program.graph_module, what)
     model = ExportedModel(module)
-    if require_dropout_ops and not model._dropout_nodes():
+    if model.refused:
+        shown = ", ".join(model.refused[:4]) + (f" and {len(model.refused) - 4} more" if len(model.refused) > 4 else "")
+        raise CheckpointError(f"{what} draws random numbers in ops ddtool cannot switch off: {shown}; give its state dict "
+                              "and --arch instead")
+    if require_dropout_ops and not model.switches:
         raise CheckpointError(f"{what} has no dropout op left in its graph, so there is nothing to sample: "
                               "export the model with its dropout layers in place, or give its state dict and --arch")
     example = None
     if program.example_inputs:
         args, kwargs = program.example_inputs
         example = args[0] if len(args) == 1 and not kwargs else (kwargs if not args else tuple(args))
+    if isinstance(example, torch.Tensor) and example.dim() == 4:  # (N, C, H, W): the program's own channels
+        model.ddtool_input_channels = int(example.shape[1])
     return model, example
 
 
@@ -731,7 +748,12 @@ def _load(path: Path, fmt: str, arch: str | None, arch_args: dict | None, trust:
         if fmt == "torchscript":
             return LoadedModel(_load_torchscript(io.BytesIO(data), what).eval(), fmt, path, digest, arch_ref=ref)
         model, example = _load_exported(io.BytesIO(data), what, trust)
-        return LoadedModel(model.eval(), fmt, path, digest, example=example, arch_ref=ref)
+        if model.batch_norms_turned:
+            print(f"note: {path.name} was exported in train mode: its {model.batch_norms_turned} batch norm(s) run on "
+                  "their running statistics, as in eval mode", file=sys.stderr)
+        spec = {"shape": list(example.shape[1:]), "dtype": str(example.dtype).removeprefix("torch.")} \
+            if isinstance(example, torch.Tensor) and example.dim() > 1 else None  # the program's own input
+        return LoadedModel(model.eval(), fmt, path, digest, example=example, arch_ref=ref, input_spec=spec)
     digest = sha256(path)
     if fmt == "safetensors":
         obj = _load_safetensors(path)

@@ -107,11 +107,46 @@ class Preprocess:
 
 
 def model_channels(model: nn.Module) -> int | None:
-    """The input channel count of the model's first convolution, if it has one."""
+    """The input channel count the model records (a torch.export program: its example input's),
+    else that of its first convolution (in a TorchScript archive: read from its weight), if any."""
+    recorded = getattr(model, "ddtool_input_channels", None)
+    if isinstance(recorded, int):
+        return recorded
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             return module.in_channels
+        channels = _script_conv_channels(module)
+        if channels:
+            return channels
     return None
+
+
+def _script_conv_channels(module: nn.Module) -> int | None:
+    """The input channels of a scripted or traced convolution: its weight is (out, in / groups,
+    ...) or, transposed, (in, out / groups, ...); a traced one records no ``groups`` (taken as 1)."""
+    name = getattr(module, "original_name", None) if isinstance(module, torch.jit.ScriptModule) else None
+    weight = getattr(module, "weight", None) if name and name.startswith("Conv") else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 3:
+        return None
+    if name.startswith("ConvTranspose"):
+        return int(weight.shape[0])
+    groups = getattr(module, "groups", None)
+    return int(weight.shape[1]) * (groups if isinstance(groups, int) else _traced_groups(module))
+
+
+def _traced_groups(module: nn.Module) -> int:
+    """The ``groups`` constant of the convolution in a traced module's graph (1 if not found)."""
+    at = {"aten::_convolution": 8, "aten::conv1d": 6, "aten::conv2d": 6, "aten::conv3d": 6}
+    try:
+        graph = module.graph
+        for node in graph.nodes():
+            inputs = list(node.inputs())
+            if node.kind() in at and len(inputs) > at[node.kind()]:
+                groups = inputs[at[node.kind()]].toIValue()
+                return groups if isinstance(groups, int) and groups > 0 else 1
+    except Exception:  # noqa: BLE001 - no graph to read
+        pass
+    return 1
 
 
 def resolve_preprocess(

@@ -121,7 +121,10 @@ def _check_parity(reference: nn.Module, run, inputs: list[torch.Tensor], atol: f
         for x in inputs:
             expected = reference(x)
             expected = [e.float().numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
-            got = run(x)
+            try:
+                got = run(x)
+            except Exception as err:  # noqa: BLE001 - the exported model failing is the export's failure
+                raise ExportError(f"{what} fails at batch {x.shape[0]}: {first_line(err)[:300]}; nothing written") from None
             got = [np.asarray(g, dtype=np.float32) for g in (got if isinstance(got, (tuple, list)) else (got,))]
             if [g.shape for g in got] != [e.shape for e in expected]:
                 raise ExportError(f"{what} returned shapes {[g.shape for g in got]} at batch {x.shape[0]}, "
@@ -173,11 +176,12 @@ def _export_onnx(model: nn.Module, out: Path, outputs: Outputs, example, inputs,
     return diff
 
 
-def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, inputs, atol: float, opts: dict) -> float:
+def _torchscript(model: nn.Module, example, opts: dict, script: bool) -> tuple[bytes, nn.Module]:
+    """The TorchScript archive of ``model`` (traced on ``example``, or scripted), and it reloaded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
-            if opts.get("script"):
+            if script:
                 if model.probabilities or model.select is not None:
                     raise ExportError("--script exports the model as it is: drop --probabilities and --output")
                 compiled = torch.jit.script(model.model)
@@ -185,12 +189,54 @@ def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, 
                 compiled = torch.jit.trace(model, example, check_trace=False)
             extra = {METADATA_FILE: json.dumps(opts.get("metadata") or {})}
             data = to_bytes(lambda buffer: torch.jit.save(compiled, buffer, _extra_files=extra))
-            reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+            return data, torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     except ExportError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise ExportError(f"TorchScript export failed: {first_line(err)}") from None
-    diff = _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
+        raise ExportError(f"TorchScript {'scripting' if script else 'export'} failed: {first_line(err)}") from None
+
+
+@torch.no_grad()
+def _fixed_batch(traced: nn.Module, model: nn.Module, example, inputs) -> str | None:
+    """Why the traced module works only at the batch size it was traced at (a graph that
+    hard-codes ``x.shape[0]``, as ``int(B)`` or a reshape to (2, ...) does), or None."""
+    try:
+        traced(example)
+    except Exception:  # noqa: BLE001 - it fails at its own batch: not this problem
+        return None
+    for x in inputs:
+        try:
+            got, expected = traced(x), model(x)
+        except Exception as err:  # noqa: BLE001
+            return f"it fails at batch {x.shape[0]} ({first_line(err)[:160]})"
+        shapes = [tuple(t.shape) for t in (got if isinstance(got, tuple) else (got,))]
+        if shapes != [tuple(t.shape) for t in (expected if isinstance(expected, tuple) else (expected,))]:
+            return f"it returns shapes {shapes} at batch {x.shape[0]}"
+    return None
+
+
+def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, inputs, atol: float, opts: dict) -> float:
+    """Traced (or, with ``script``, scripted). A trace that fixed the batch size of its example
+    is replaced by the scripted model when the model scripts and that is all it is asked to
+    export (no --probabilities, no --output), and refused (exit 7) with the reason otherwise."""
+    data, reloaded = _torchscript(model, example, opts, bool(opts.get("script")))
+    try:
+        diff = _check_parity(model, reloaded, inputs, atol, "the reloaded TorchScript model")
+    except ExportError:
+        fixed = None if opts.get("script") else _fixed_batch(reloaded, model, example, inputs)
+        if not fixed:
+            raise
+        why = f"tracing fixed the batch size at {example.shape[0]}: {fixed}"
+        if model.probabilities or model.select is not None:
+            raise ExportError(f"TorchScript export failed: {why}; export without --probabilities and --output (it is then "
+                              "scripted), or to onnx or pt2; nothing written") from None
+        try:
+            data, reloaded = _torchscript(model, example, opts, True)
+        except ExportError as err:
+            raise ExportError(f"TorchScript export failed: {why}, and scripting failed too ({err}); export to onnx "
+                              "or pt2, which keep the batch axis dynamic; nothing written") from None
+        print(f"note: {why}; the model was scripted instead", file=sys.stderr)
+        diff = _check_parity(model, reloaded, inputs, atol, "the scripted TorchScript model")
     outputs.write(out, data)
     return diff
 
