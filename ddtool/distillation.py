@@ -195,7 +195,7 @@ class _Run:
     trained: nn.Module  # what a step runs: the student, DDP-wrapped and compiled as asked
     sampler: MCSampler  # the frozen teacher's masked passes
     opt: torch.optim.Optimizer
-    generator: torch.Generator  # the perturbations of S, drawn in this process
+    generator: torch.Generator  # the perturbations of S, drawn in this process (on the GPU on CUDA)
     perturb: Callable[[torch.Tensor], torch.Tensor] | None  # pixels zeroed and flips, from that generator
     channels_last: bool
     batch: int  # this rank's share of the global batch
@@ -210,10 +210,11 @@ class _Run:
     def batches(self, epoch: int, skip: int):
         """(step, raw batch) of ``epoch`` from step ``skip + 1`` on: this rank's share, in the epoch's order."""
         order = parallel.shard(self.world, _epoch_order(len(self.data), self.config.seed, epoch))
-        return enumerate(self.data.batches(order[skip * self.batch:], self.batch), start=skip + 1)
+        return enumerate(self.data.batches(order[skip * self.batch:], self.batch, self.device), start=skip + 1)
 
     def inputs(self, raw: torch.Tensor) -> torch.Tensor:
-        """A raw batch of S as model input, perturbed (the paper's S: pixels zeroed, flips)."""
+        """A raw batch of S (on the device already) as model input, scaled, perturbed (the paper's
+        S: pixels zeroed, flips) and normalised there."""
         x = self.preprocess.prepare(raw.to(self.device, non_blocking=True), self.perturb)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -278,7 +279,8 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     if config.compile:  # the student only: under the sampling mode, the teacher recompiles at every op
         trained = torch.compile(trained)
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
-    generator = torch.Generator().manual_seed(_rank_seed(config, world))
+    # on CUDA the perturbations are drawn on the GPU: no mask crosses from the host
+    generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(_rank_seed(config, world))
     perturb = perturbation(config.perturb, config.flip, generator)
     run = _Run(config, world, device, data, preprocess, student, trained, sampler, opt, generator, perturb,
                channels_last, batch, example, val)

@@ -142,7 +142,8 @@ def restore(saved: dict, path: Path, student: nn.Module, opt: torch.optim.Optimi
     try:
         student.load_state_dict(saved["student"])
         opt.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"][rank])
+        if saved["generator"][rank].shape == generator.get_state().shape:  # (else saved on another kind of device)
+            generator.set_state(saved["generator"][rank])
         device_rng = saved.get("device_rng") or [None] * (rank + 1)  # (absent from states of older versions)
         state = RunState(int(saved["epoch"]), int(saved["step"]), list(saved["history"]), saved.get("best"),
                          saved["rng"][rank], device_rng[rank])
