@@ -266,6 +266,7 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     batch = parallel.local_batch(world, config.batch_size)
     data, val = _held_out(data, preprocess, config, val)
     example = preprocess.prepare(data.sample(2))
+    preprocess.prepare(data.sample(2).to(device))  # the normalisation's values copied to the device now, not in a step
     out = probe(model, example, config.output)
     if config.loss == "kl":
         check_class_dim(out, config.class_dim)
