@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/distill_speed.py --only memory   # one part: floor, plain, k, memory
 
 * floor: the student's own forward and backward pass (KL loss) on the same prepared batches,
-  timed in the same process right after ddtool's epoch; the target is ddtool <= 1.5x floor at K=1.
+  timed in the same process right after ddtool's epoch, the nets side by side (each seed runs
+  every net); wall and CPU-time ratios and page faults a step. Target: ddtool <= 1.3x floor at K=1.
 * plain: a straightforward PyTorch loop of Algorithm 2 (below) reading the same PNG folder
   through a standard DataLoader, same model, batch, threads and epochs; the target is ddtool
   >= 1.5x faster. ddtool's time includes decoding the folder into its cache.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import subprocess
 import sys
 import time
@@ -82,20 +84,29 @@ def plain_distill(model, folder: Path, epochs: int, seed: int, lr: float = 0.01)
 
 
 # --------------------------------------------------------------------------- ddtool and its floor
-def ddtool_run(model, folder: Path, epochs: int, seed: int, k: int = 1):
-    """ddtool's API on the folder: (seconds to open/cache it, seconds per epoch, the data set)."""
+def _usage() -> tuple[float, int]:
+    """This process's CPU seconds (all its threads) and minor page faults so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_minflt
+
+
+def ddtool_run(model, folder: Path, epochs: int, seed: int, k: int = 1, marks: list | None = None):
+    """ddtool's API on the folder: (seconds to open/cache it, seconds per epoch, the data set).
+    ``marks`` receives (CPU seconds, page faults) at the end of each epoch."""
     pre = Preprocess(channels=1)
     start = time.perf_counter()
     index = index_folder(folder, labelled=False)
     data = open_unlabelled(index, pre, list(range(len(index))))
     opened = time.perf_counter() - start
-    result = distill(model, data, pre, DistillConfig(epochs=epochs, batch_size=BATCH, teacher_samples=k, seed=seed))
+    progress = (lambda e: marks.append(_usage()) if e["event"] == "epoch" else None) if marks is not None else None
+    result = distill(model, data, pre, DistillConfig(epochs=epochs, batch_size=BATCH, teacher_samples=k, seed=seed),
+                     progress)
     return opened, [r["seconds"] for r in result.history], data, result.shared_prefix
 
 
-def floor_epoch(model, data, seed: int) -> float:
+def floor_epoch(model, data, seed: int, usage: list | None = None) -> float:
     """The student's forward + backward on the same batches (prepared beforehand, not timed), in
-    the memory layout ddtool uses for it."""
+    the memory layout ddtool uses for it. ``usage`` receives its (CPU seconds, page faults)."""
     pre, gen = Preprocess(channels=1), torch.Generator().manual_seed(seed)
     perturb = perturbation(0.2, "", gen)
     order = torch.randperm(len(data), generator=gen)
@@ -105,29 +116,42 @@ def floor_epoch(model, data, seed: int) -> float:
     if uses_channels_last(student, batches[0]):  # the same layout ddtool trains in: the fastest floor
         student = student.to(memory_format=torch.channels_last)
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-    start = time.perf_counter()
+    start, (cpu, faults) = time.perf_counter(), _usage()
     for x, target in zip(batches, targets):
         student.zero_grad(set_to_none=True)
         kl_loss(student(x), target).backward()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if usage is not None:
+        usage.append((_usage()[0] - cpu, _usage()[1] - faults))
+    return seconds
 
 
 # --------------------------------------------------------------------------- the parts
 def part_floor(args) -> dict:
-    rows = {}
-    for name in args.nets:
-        folder = fmnist_folder("train", args.inputs)
-        ratios, epochs, floors = [], [], []
-        for seed in range(args.seeds):
+    """ddtool's second epoch over the floor, for the nets side by side, seed by seed: in wall
+    time, in CPU time (this process's, all threads: less sensitive to other jobs on a shared
+    machine), and the minor page faults a step takes in each."""
+    rows = {name: {"inputs": args.inputs, "epoch_s": [], "floor_s": [], "ratio": [], "cpu_ratio": [],
+                   "faults_per_step_ddtool": [], "faults_per_step_floor": []} for name in args.nets}
+    folder = fmnist_folder("train", args.inputs)
+    steps = -(-args.inputs // BATCH)
+    for seed in range(args.seeds):
+        for name in args.nets:  # side by side: each seed runs every net before the next seed
             seed_all(seed)
-            model = NETS[name]()
-            _, times, data, _ = ddtool_run(model, folder, 2, seed)
-            floor = floor_epoch(model, data, seed)
-            epochs.append(times[-1])  # the second, warm epoch
-            floors.append(floor)
-            ratios.append(times[-1] / floor)
-            print(f"floor {name} seed {seed}: epoch {times[-1]:.2f}s floor {floor:.2f}s ratio {ratios[-1]:.2f}", flush=True)
-        rows[name] = {"inputs": args.inputs, "epoch_s": epochs, "floor_s": floors, "ratio": ratios}
+            model, marks, usage = NETS[name](), [], []
+            _, times, data, _ = ddtool_run(model, folder, 2, seed, marks=marks)
+            floor = floor_epoch(model, data, seed, usage)
+            (cpu1, f1), (cpu2, f2), (floor_cpu, floor_faults) = marks[0], marks[1], usage[0]
+            r = rows[name]
+            r["epoch_s"].append(times[-1])  # the second, warm epoch
+            r["floor_s"].append(floor)
+            r["ratio"].append(times[-1] / floor)
+            r["cpu_ratio"].append((cpu2 - cpu1) / floor_cpu)
+            r["faults_per_step_ddtool"].append((f2 - f1) / steps)
+            r["faults_per_step_floor"].append(floor_faults / steps)
+            print(f"floor {name} seed {seed}: epoch {times[-1]:.2f}s floor {floor:.2f}s ratio {r['ratio'][-1]:.2f}, "
+                  f"CPU-time ratio {r['cpu_ratio'][-1]:.2f}, page faults a step {r['faults_per_step_ddtool'][-1]:.0f} "
+                  f"(floor {r['faults_per_step_floor'][-1]:.0f})", flush=True)
     return rows
 
 
