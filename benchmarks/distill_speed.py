@@ -6,6 +6,8 @@
 * floor: the student's own forward and backward pass (KL loss) on the same prepared batches,
   timed in the same process right after ddtool's epoch, the nets side by side (each seed runs
   every net); wall and CPU-time ratios and page faults a step. Target: ddtool <= 1.3x floor at K=1.
+* bound: the CPU time a step of the student's forward + backward, the teacher's masked forward
+  and the SGD update take, each alone: the best ratio to the floor a K = 1 step can reach.
 * plain: a straightforward PyTorch loop of Algorithm 2 (below) reading the same PNG folder
   through a standard DataLoader, same model, batch, threads and epochs; the target is ddtool
   >= 1.5x faster. ddtool's time includes decoding the folder into its cache.
@@ -40,7 +42,9 @@ from common import ROOT, BUILD, fmnist_folder, fmt, save, seed_all  # noqa: E402
 from nets import NETS  # noqa: E402
 
 from ddtool.data import Preprocess, default_workers, index_folder, open_unlabelled, perturbation  # noqa: E402
+from ddtool import distillation  # noqa: E402
 from ddtool.distillation import DistillConfig, distill, kl_loss  # noqa: E402
+from ddtool.dropout import SampledDropout, set_mc  # noqa: E402
 from ddtool.model import uses_channels_last  # noqa: E402
 
 BATCH = 64
@@ -271,7 +275,57 @@ def part_memory(args) -> dict:
     return rows
 
 
-PARTS = {"floor": part_floor, "plain": part_plain, "k": part_k, "denormal": part_denormal, "memory": part_memory}
+def part_bound(args) -> dict:
+    """What a K = 1 step cannot avoid beyond the floor, in CPU time a step (1 thread is cleanest):
+    the teacher's masked forward (ddtool's sampling mode and masks) and the SGD update. The ratio
+    ddtool can reach at best is (floor + teacher + update) / floor. The same forward without
+    dropout (the student's, in eval mode, no gradients) shows what the masks add."""
+    rows = {}
+    for name in args.nets:
+        parts = {"floor_ms": [], "teacher_ms": [], "unmasked_ms": [], "sgd_ms": [], "bound": []}
+        for seed in range(args.seeds):
+            seed_all(seed)
+            student = NETS[name]().to(memory_format=torch.channels_last)
+            teacher = set_mc(copy.deepcopy(student))
+            x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+            target = F.softmax(torch.randn(BATCH, 10), 1)
+            opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+
+            def floor():
+                student.zero_grad(set_to_none=True)
+                kl_loss(student(x), target).backward()
+
+            def masked():
+                with torch.no_grad(), SampledDropout():
+                    teacher(x)
+
+            def unmasked():  # the same forward without dropout: what the masks cost
+                with torch.no_grad():
+                    student(x)
+
+            floor()
+            opt.step()
+            ms = {key: _cpu_ms(fn) for key, fn in (("floor_ms", floor), ("teacher_ms", masked), ("unmasked_ms", unmasked),
+                                            ("sgd_ms", opt.step))}
+            for key, value in ms.items():
+                parts[key].append(value)
+            parts["bound"].append((ms["floor_ms"] + ms["teacher_ms"] + ms["sgd_ms"]) / ms["floor_ms"])
+            print(f"bound {name} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in parts.items()), flush=True)
+        rows[name] = {"batch": BATCH, **parts}
+    return rows
+
+
+def _cpu_ms(fn, runs: int = 40) -> float:
+    """CPU milliseconds of ``fn()`` (this process, all threads), the mean of ``runs`` after 5 untimed."""
+    for _ in range(5):
+        fn()
+    start = time.process_time()
+    for _ in range(runs):
+        fn()
+    return 1000 * (time.process_time() - start) / runs
+
+
+PARTS = {"floor": part_floor, "bound": part_bound, "plain": part_plain, "k": part_k, "denormal": part_denormal, "memory": part_memory}
 
 
 def main() -> None:
@@ -281,11 +335,16 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=20000, help="images in the folder (floor, plain, k)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs of the plain comparison")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--default-heap", action="store_true",
+                    help="leave glibc's malloc thresholds as they are (ddtool fixes them: ddtool.distillation.steady_heap)")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     args = ap.parse_args()
+    if args.default_heap:
+        distillation.steady_heap = lambda: False
     for part in args.only or list(PARTS):
         doc = {"command": " ".join(["benchmarks/distill_speed.py", *sys.argv[1:]]), "args": vars(args),
                "results": PARTS[part](args)}
-        print(save(f"distill_speed_{part}", doc))
+        print(save(f"distill_speed_{part}{'_' + args.tag if args.tag else ''}", doc))
         for name, row in doc["results"].items():
             print(part, name, {k: fmt(v) if isinstance(v, list) else v for k, v in row.items()})
 
