@@ -195,9 +195,9 @@ def steady_heap() -> bool:
     By default glibc serves a large block (a batch's activations, MBs) from a fresh mmap and
     returns it when freed, or trims the heap's top once it is free; the thresholds for both move
     with the sizes seen so far, so a process settles into a mode that holds until it ends. Each
-    fresh page then costs a page fault when first written: measured on Quick at batch 64, 7,000
-    to 13,000 minor faults a distillation step (3,000 to 4,500 a floor step), varying from call
-    to call, and none with fixed thresholds (BENCHMARKS.md, "Distillation speed"). Fixed here:
+    fresh page then costs a page fault when first written: measured on Quick at batch 64 on the
+    CPU, about 12,900 minor faults a distillation step (6,600 a step of the student alone), and
+    about 5 with fixed thresholds (BENCHMARKS.md, "Distillation speed"). Fixed here:
     blocks under 64 MiB come from the heap, and up to 128 MiB of its free top is kept. Returns
     whether the settings were applied (not on other C libraries or systems)."""
     if not sys.platform.startswith("linux"):
