@@ -90,6 +90,8 @@ def distill_rate(factory, shape, batch: int, k: int, steps: int, device: torch.d
         result = distill(teacher, images, pre, DistillConfig(epochs=2, batch_size=batch, teacher_samples=k, device=str(device)))
     except torch.cuda.OutOfMemoryError:
         return {"oom": True}
+    except Exception as err:  # noqa: BLE001 - one failing cell must not lose the others' numbers on a one-off run
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
     return {"samples_per_s": result.history[-1]["samples_per_s"], "peak_mib": peak_mib(device)}
 
 
@@ -187,7 +189,7 @@ def _cell(row: dict) -> str:
     if row.get("oom"):
         return "oom"
     if "samples_per_s" not in row:
-        return row.get("skipped", "—")
+        return row.get("skipped", "error" if "error" in row else "—")
     peak = f" ({row['peak_mib']:.0f})" if row.get("peak_mib") is not None else ""
     return f"{row['samples_per_s']:,.0f}{peak}"
 
