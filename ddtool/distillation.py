@@ -571,12 +571,15 @@ def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, fingerp
         for epoch in range(state.epoch, run.config.epochs):
             lr = _learning_rate(run.opt, run.config, epoch)  # Alg. 2, line 8: eta_t (per epoch, Sec. 5.1)
             meter = _Meter(run, epoch, lr, progress)
+            step = checked = state.skip(epoch)
             for step, raw in run.batches(epoch, state.skip(epoch)):
                 meter.add(_step(run, raw), raw.shape[0])
                 meter.report(step)
                 if step % CHECK_EVERY == 0 or step == run.steps_per_epoch or (stop["signum"] and not run.world.distributed):
-                    good = _check_point(run, meter, stop, good, save, epoch, step, checkpoint)
+                    good, checked = _check_point(run, meter, stop, good, save, epoch, step, checkpoint), step
                     meter.shown = meter.read() if progress else None
+            if checked != step:  # the epoch ended early (a streamed file that became unreadable): check it all the same
+                good = _check_point(run, meter, stop, good, save, epoch, run.steps_per_epoch, checkpoint)
             if _end_epoch(run, state, meter, save):
                 break
     return state

@@ -361,3 +361,17 @@ def test_a_nan_mid_epoch_falls_back_at_most_n_steps(monkeypatch, tmp_path, tiny_
     resumed = distill(tiny_model, _inputs(64), PRE, DistillConfig(epochs=2, batch_size=8, lr=0.005),
                       checkpoint=ckpt, resume=True)  # --resume with a lower rate continues from there
     assert len(resumed.history) == 2
+
+
+def test_an_epoch_cut_short_is_still_checked(monkeypatch, tmp_path, tiny_model):
+    """A streamed file that becomes unreadable after the folder was opened makes the epoch one
+    step short of its count: its end is checked all the same (finite, stop requests), once."""
+    monkeypatch.setattr(distillation, "CHECK_EVERY", 1000)
+    write_images(tmp_path / "s", 12)
+    index = index_folder(tmp_path / "s", labelled=False)
+    streamed = open_unlabelled(index, PRE, list(range(12)), cache_mb=0, workers=0)
+    (tmp_path / "s" / "img005.png").write_bytes(b"not a png any more")
+    calls, original = [], distillation._check_point
+    monkeypatch.setattr(distillation, "_check_point", lambda *args: calls.append(args[6]) or original(*args))
+    distill(tiny_model, streamed, PRE, DistillConfig(epochs=1, batch_size=1))
+    assert calls == [12]  # 11 steps taken, the epoch's end checked as its nominal last step
