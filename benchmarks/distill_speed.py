@@ -4,7 +4,10 @@
     .venv/bin/python benchmarks/distill_speed.py --only memory   # one part: floor, plain, k, memory
 
 * floor: the student's own forward and backward pass (KL loss) on the same prepared batches,
-  timed in the same process right after ddtool's epoch; the target is ddtool <= 1.5x floor at K=1.
+  timed in the same process right after ddtool's epoch, the nets side by side (each seed runs
+  every net); wall and CPU-time ratios and page faults a step. Target: ddtool <= 1.3x floor at K=1.
+* bound: the CPU time a step of the student's forward + backward, the teacher's masked forward
+  and the SGD update take, each alone: the best ratio to the floor a K = 1 step can reach.
 * plain: a straightforward PyTorch loop of Algorithm 2 (below) reading the same PNG folder
   through a standard DataLoader, same model, batch, threads and epochs; the target is ddtool
   >= 1.5x faster. ddtool's time includes decoding the folder into its cache.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import subprocess
 import sys
 import time
@@ -38,7 +42,9 @@ from common import ROOT, BUILD, fmnist_folder, fmt, save, seed_all  # noqa: E402
 from nets import NETS  # noqa: E402
 
 from ddtool.data import Preprocess, default_workers, index_folder, open_unlabelled, perturbation  # noqa: E402
+from ddtool import distillation  # noqa: E402
 from ddtool.distillation import DistillConfig, distill, kl_loss  # noqa: E402
+from ddtool.dropout import SampledDropout, set_mc  # noqa: E402
 from ddtool.model import uses_channels_last  # noqa: E402
 
 BATCH = 64
@@ -82,20 +88,29 @@ def plain_distill(model, folder: Path, epochs: int, seed: int, lr: float = 0.01)
 
 
 # --------------------------------------------------------------------------- ddtool and its floor
-def ddtool_run(model, folder: Path, epochs: int, seed: int, k: int = 1):
-    """ddtool's API on the folder: (seconds to open/cache it, seconds per epoch, the data set)."""
+def _usage() -> tuple[float, int]:
+    """This process's CPU seconds (all its threads) and minor page faults so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_minflt
+
+
+def ddtool_run(model, folder: Path, epochs: int, seed: int, k: int = 1, marks: list | None = None):
+    """ddtool's API on the folder: (seconds to open/cache it, seconds per epoch, the data set).
+    ``marks`` receives (CPU seconds, page faults) at the end of each epoch."""
     pre = Preprocess(channels=1)
     start = time.perf_counter()
     index = index_folder(folder, labelled=False)
     data = open_unlabelled(index, pre, list(range(len(index))))
     opened = time.perf_counter() - start
-    result = distill(model, data, pre, DistillConfig(epochs=epochs, batch_size=BATCH, teacher_samples=k, seed=seed))
+    progress = (lambda e: marks.append(_usage()) if e["event"] == "epoch" else None) if marks is not None else None
+    result = distill(model, data, pre, DistillConfig(epochs=epochs, batch_size=BATCH, teacher_samples=k, seed=seed),
+                     progress)
     return opened, [r["seconds"] for r in result.history], data, result.shared_prefix
 
 
-def floor_epoch(model, data, seed: int) -> float:
+def floor_epoch(model, data, seed: int, usage: list | None = None) -> float:
     """The student's forward + backward on the same batches (prepared beforehand, not timed), in
-    the memory layout ddtool uses for it."""
+    the memory layout ddtool uses for it. ``usage`` receives its (CPU seconds, page faults)."""
     pre, gen = Preprocess(channels=1), torch.Generator().manual_seed(seed)
     perturb = perturbation(0.2, "", gen)
     order = torch.randperm(len(data), generator=gen)
@@ -105,29 +120,42 @@ def floor_epoch(model, data, seed: int) -> float:
     if uses_channels_last(student, batches[0]):  # the same layout ddtool trains in: the fastest floor
         student = student.to(memory_format=torch.channels_last)
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-    start = time.perf_counter()
+    start, (cpu, faults) = time.perf_counter(), _usage()
     for x, target in zip(batches, targets):
         student.zero_grad(set_to_none=True)
         kl_loss(student(x), target).backward()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if usage is not None:
+        usage.append((_usage()[0] - cpu, _usage()[1] - faults))
+    return seconds
 
 
 # --------------------------------------------------------------------------- the parts
 def part_floor(args) -> dict:
-    rows = {}
-    for name in args.nets:
-        folder = fmnist_folder("train", args.inputs)
-        ratios, epochs, floors = [], [], []
-        for seed in range(args.seeds):
+    """ddtool's second epoch over the floor, for the nets side by side, seed by seed: in wall
+    time, in CPU time (this process's, all threads: less sensitive to other jobs on a shared
+    machine), and the minor page faults a step takes in each."""
+    rows = {name: {"inputs": args.inputs, "epoch_s": [], "floor_s": [], "ratio": [], "cpu_ratio": [],
+                   "faults_per_step_ddtool": [], "faults_per_step_floor": []} for name in args.nets}
+    folder = fmnist_folder("train", args.inputs)
+    steps = -(-args.inputs // BATCH)
+    for seed in range(args.seeds):
+        for name in args.nets:  # side by side: each seed runs every net before the next seed
             seed_all(seed)
-            model = NETS[name]()
-            _, times, data, _ = ddtool_run(model, folder, 2, seed)
-            floor = floor_epoch(model, data, seed)
-            epochs.append(times[-1])  # the second, warm epoch
-            floors.append(floor)
-            ratios.append(times[-1] / floor)
-            print(f"floor {name} seed {seed}: epoch {times[-1]:.2f}s floor {floor:.2f}s ratio {ratios[-1]:.2f}", flush=True)
-        rows[name] = {"inputs": args.inputs, "epoch_s": epochs, "floor_s": floors, "ratio": ratios}
+            model, marks, usage = NETS[name](), [], []
+            _, times, data, _ = ddtool_run(model, folder, 2, seed, marks=marks)
+            floor = floor_epoch(model, data, seed, usage)
+            (cpu1, f1), (cpu2, f2), (floor_cpu, floor_faults) = marks[0], marks[1], usage[0]
+            r = rows[name]
+            r["epoch_s"].append(times[-1])  # the second, warm epoch
+            r["floor_s"].append(floor)
+            r["ratio"].append(times[-1] / floor)
+            r["cpu_ratio"].append((cpu2 - cpu1) / floor_cpu)
+            r["faults_per_step_ddtool"].append((f2 - f1) / steps)
+            r["faults_per_step_floor"].append(floor_faults / steps)
+            print(f"floor {name} seed {seed}: epoch {times[-1]:.2f}s floor {floor:.2f}s ratio {r['ratio'][-1]:.2f}, "
+                  f"CPU-time ratio {r['cpu_ratio'][-1]:.2f}, page faults a step {r['faults_per_step_ddtool'][-1]:.0f} "
+                  f"(floor {r['faults_per_step_floor'][-1]:.0f})", flush=True)
     return rows
 
 
@@ -247,7 +275,57 @@ def part_memory(args) -> dict:
     return rows
 
 
-PARTS = {"floor": part_floor, "plain": part_plain, "k": part_k, "denormal": part_denormal, "memory": part_memory}
+def part_bound(args) -> dict:
+    """What a K = 1 step cannot avoid beyond the floor, in CPU time a step (1 thread is cleanest):
+    the teacher's masked forward (ddtool's sampling mode and masks) and the SGD update. The ratio
+    ddtool can reach at best is (floor + teacher + update) / floor. The same forward without
+    dropout (the student's, in eval mode, no gradients) shows what the masks add."""
+    rows = {}
+    for name in args.nets:
+        parts = {"floor_ms": [], "teacher_ms": [], "unmasked_ms": [], "sgd_ms": [], "bound": []}
+        for seed in range(args.seeds):
+            seed_all(seed)
+            student = NETS[name]().to(memory_format=torch.channels_last)
+            teacher = set_mc(copy.deepcopy(student))
+            x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+            target = F.softmax(torch.randn(BATCH, 10), 1)
+            opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+
+            def floor():
+                student.zero_grad(set_to_none=True)
+                kl_loss(student(x), target).backward()
+
+            def masked():
+                with torch.no_grad(), SampledDropout():
+                    teacher(x)
+
+            def unmasked():  # the same forward without dropout: what the masks cost
+                with torch.no_grad():
+                    student(x)
+
+            floor()
+            opt.step()
+            ms = {key: _cpu_ms(fn) for key, fn in (("floor_ms", floor), ("teacher_ms", masked), ("unmasked_ms", unmasked),
+                                            ("sgd_ms", opt.step))}
+            for key, value in ms.items():
+                parts[key].append(value)
+            parts["bound"].append((ms["floor_ms"] + ms["teacher_ms"] + ms["sgd_ms"]) / ms["floor_ms"])
+            print(f"bound {name} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in parts.items()), flush=True)
+        rows[name] = {"batch": BATCH, **parts}
+    return rows
+
+
+def _cpu_ms(fn, runs: int = 40) -> float:
+    """CPU milliseconds of ``fn()`` (this process, all threads), the mean of ``runs`` after 5 untimed."""
+    for _ in range(5):
+        fn()
+    start = time.process_time()
+    for _ in range(runs):
+        fn()
+    return 1000 * (time.process_time() - start) / runs
+
+
+PARTS = {"floor": part_floor, "bound": part_bound, "plain": part_plain, "k": part_k, "denormal": part_denormal, "memory": part_memory}
 
 
 def main() -> None:
@@ -257,11 +335,16 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=20000, help="images in the folder (floor, plain, k)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs of the plain comparison")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--default-heap", action="store_true",
+                    help="leave glibc's malloc thresholds as they are (ddtool fixes them: ddtool.distillation.steady_heap)")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     args = ap.parse_args()
+    if args.default_heap:
+        distillation.steady_heap = lambda: False
     for part in args.only or list(PARTS):
         doc = {"command": " ".join(["benchmarks/distill_speed.py", *sys.argv[1:]]), "args": vars(args),
                "results": PARTS[part](args)}
-        print(save(f"distill_speed_{part}", doc))
+        print(save(f"distill_speed_{part}{'_' + args.tag if args.tag else ''}", doc))
         for name, row in doc["results"].items():
             print(part, name, {k: fmt(v) if isinstance(v, list) else v for k, v in row.items()})
 

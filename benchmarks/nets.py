@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples"))
@@ -36,6 +37,33 @@ def lenet_all(p: float = 0.5, num_classes: int = 10) -> nn.Sequential:
         nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(),
         nn.Dropout(p), nn.Linear(500, num_classes),
     )
+
+
+class ViT(nn.Module):
+    """A timm-like Vision Transformer: patch embedding (a strided conv), a class token, learned
+    positions, pre-norm encoder layers with dropout after attention and in the MLP (and on the
+    attention weights), a linear head on the class token. The defaults are ViT-B/16 at 224 x 224
+    (86 M parameters, 197 tokens), the "ViT-sized net" of benchmarks/gpu.py."""
+
+    def __init__(self, image: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
+                 classes: int = 1000, channels: int = 3, p: float = 0.1):
+        super().__init__()
+        self.embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=p, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+def vit_base(**kwargs) -> ViT:
+    return ViT(**kwargs)
 
 
 NETS = {"lenet": lenet, "lenet_all": lenet_all, "quick": quick}

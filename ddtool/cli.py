@@ -238,7 +238,7 @@ class DistillProgress:
 
     def __init__(self) -> None:
         self.bar: Progress | None = None
-        self.fidelity = "—"
+        self.fidelity = self.loss = "—"  # the loss is read from the device at check points only
 
     def __call__(self, event: dict) -> None:
         if event["event"] == "epoch":
@@ -254,13 +254,15 @@ class DistillProgress:
         if self.bar is None:
             self.bar = Progress(
                 TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.0f} samples/s  loss {task.fields[loss]:.4f}  fidelity {task.fields[fidelity]}"),
+                TextColumn("{task.fields[rate]:.0f} samples/s  loss {task.fields[loss]}  fidelity {task.fields[fidelity]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
             )
             self.bar.start()
             self.task = self.bar.add_task("distill", total=event["total"], completed=event["done"] - 1,
-                                          epoch=1, loss=0.0, rate=0.0, fidelity="—")
-        self.bar.update(self.task, completed=event["done"], epoch=event["epoch"], loss=event["loss"],
+                                          epoch=1, loss=self.loss, rate=0.0, fidelity="—")
+        if "loss" in event:
+            self.loss = f"{event['loss']:.4f}"
+        self.bar.update(self.task, completed=event["done"], epoch=event["epoch"], loss=self.loss,
                         rate=event["samples_per_s"], fidelity=self.fidelity)
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ a larger one is streamed through DataLoader workers every epoch and never held w
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import math
 import os
@@ -91,9 +92,9 @@ class Preprocess:
                    mean=tuple(d["mean"]), std=tuple(d["std"]))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / std`` per channel on an (N, C, H, W) batch in [0, 1]."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        """``(x - mean) / std`` per channel on an (N, C, H, W) batch in [0, 1], where the batch is
+        (the per-channel values are copied to a device once, not at every batch)."""
+        mean, std = _channel_values(self.mean, x.device, x.dtype), _channel_values(self.std, x.device, x.dtype)
         return (x - mean) / std
 
     def prepare(self, raw: torch.Tensor, perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -104,6 +105,12 @@ class Preprocess:
             return self.normalize(perturb(x) if perturb else x)
         x = raw.float() if raw.is_floating_point() else raw
         return perturb(x) if perturb else x
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_values(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Per-channel values as a (1, C, 1, 1) tensor on ``device``, made once per device."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def model_channels(model: nn.Module) -> int | None:
@@ -560,7 +567,7 @@ def scan_inputs(index: InputIndex, pre: Preprocess, positions: list[int] | None 
         workers = 0  # a pool costs more to start than a small folder takes to read (a streamed one is large)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(0))
-    chunks, kept, bad, notes, shape = [], [], [], [], None
+    cache, kept, bad, notes, shape = None, [], [], [], None
     for batch in _loader_batches(loader):
         bad += [Unused(index.items[dataset.positions[i]][0], why) for i, why in batch.bad]
         notes += [Unused(index.items[dataset.positions[i]][0], why) for i, why in batch.notes]
@@ -571,12 +578,25 @@ def scan_inputs(index: InputIndex, pre: Preprocess, positions: list[int] | None 
         shape = tuple(batch.x.shape[1:])
         kept += batch.index.tolist()
         if keep:
-            chunks.append(batch.x)
+            cache = _fill(cache, batch.x, len(kept) - len(batch.x), total)
     if not kept:
         first = f" (e.g. {bad[0].path.name}: {bad[0].reason})" if bad else ""
         raise DataError(f"no readable inputs in {index.root}: all {total} files failed to decode{first}")
     _check_bad(bad, total, index.root)
-    return Scan(torch.cat(chunks) if keep else None, [dataset.positions[i] for i in kept], bad, notes, shape)
+    if keep and len(kept) < total:
+        cache = cache[:len(kept)].clone()  # (unreadable files left rows unused)
+    return Scan(cache if keep else None, [dataset.positions[i] for i in kept], bad, notes, shape)
+
+
+def _fill(cache: torch.Tensor | None, x: torch.Tensor, at: int, total: int) -> torch.Tensor:
+    """Rows ``at:`` of the cache of ``total`` inputs set to the batch ``x``: one tensor allocated
+    once (uint8 for images), never a list of batches concatenated at the end (twice the memory)."""
+    if cache is None:
+        cache = torch.empty((total, *x.shape[1:]), dtype=x.dtype)
+    elif x.dtype != cache.dtype:  # arrays of mixed types: the common one, as torch.cat would
+        cache = cache.to(torch.promote_types(cache.dtype, x.dtype))
+    cache[at:at + len(x)] = x
+    return cache
 
 
 def _require_fits(index: InputIndex, pre: Preprocess, dataset: FolderDataset) -> None:
@@ -676,6 +696,7 @@ class UnlabelledSet:
     unused: list[Unused] = field(default_factory=list)  # entries not used, with the reason
     notes: list[Unused] = field(default_factory=list)  # inputs used only in part (first frames)
     bad: list[Unused] = field(default_factory=list)  # unreadable when the set was opened
+    moved: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the cache on a device
 
     @classmethod
     def from_tensor(cls, x: torch.Tensor, pre: Preprocess) -> "UnlabelledSet":
@@ -708,20 +729,36 @@ class UnlabelledSet:
             return batch
         raise DataError(f"no readable inputs in {self.index.root}")
 
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    def on(self, device: torch.device | None) -> torch.Tensor:
+        """The cache on ``device``: copied there once (one uint8 tensor for images) and kept."""
+        if device is None or self.cache.device == torch.device(device):
+            return self.cache
+        if self.moved is None or self.moved.device != torch.device(device):
+            self.moved = None  # (the previous device's copy is freed before the next is made)
+            self.moved = self.cache.to(device)
+        return self.moved
+
+    def batches(self, order: torch.Tensor, batch_size: int, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Raw batches in ``order``, on ``device`` if given: slices of the cache there (copied once),
+        or streamed batches copied one batch ahead (pinned memory, non-blocking, on CUDA)."""
         if len(order) == 0:  # (``split`` of an empty order would yield one empty batch)
             return
         if self.cache is not None:
-            for idx in order.split(batch_size):
-                yield self.cache[idx]
+            cache = self.on(device)
+            for idx in order.to(cache.device).split(batch_size):
+                yield cache[idx]
             return
+        pin = self.pin_memory or (device is not None and torch.device(device).type == "cuda")
         dataset = FolderDataset(self.index, self.pre, self.positions)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=self.workers,
-            collate_fn=collate, pin_memory=self.pin_memory, persistent_workers=False,
+            collate_fn=collate, pin_memory=pin, persistent_workers=False,
             prefetch_factor=4 if self.workers else None,
             generator=torch.Generator().manual_seed(0),  # worker seeds: never from the global RNG
         )
+        yield from prefetch(self._streamed(loader), device)
+
+    def _streamed(self, loader) -> Iterator[torch.Tensor]:
         failed: list[Unused] = []
         total = len(self.positions) + len(self.bad)
         self.skipped = len(self.bad)
@@ -732,6 +769,27 @@ class UnlabelledSet:
                 _check_bad(self.bad + failed, total, self.index.root)  # the folder contract, as when opened
             if batch.x is not None:
                 yield batch.x
+
+
+def prefetch(batches: Iterator[torch.Tensor], device: torch.device | None) -> Iterator[torch.Tensor]:
+    """``batches`` on ``device``, each copied while the one before is in use. On CUDA the copy
+    (from pinned memory, non-blocking) runs on a side stream that the compute stream waits for,
+    so the host never waits for it; elsewhere it is a plain copy (none for the CPU)."""
+    if device is None or torch.device(device).type != "cuda":
+        for batch in batches:
+            yield batch if device is None else batch.to(device)
+        return
+    copying, ahead = torch.cuda.Stream(device), None
+    for batch in batches:
+        with torch.cuda.stream(copying):
+            moved = batch.to(device, non_blocking=True)
+        if ahead is not None:
+            yield ahead
+        torch.cuda.current_stream(device).wait_stream(copying)
+        moved.record_stream(torch.cuda.current_stream(device))  # its memory is used on the compute stream
+        ahead = moved
+    if ahead is not None:
+        yield ahead
 
 
 def open_unlabelled(index: InputIndex, pre: Preprocess, positions: list[int], cache_mb: float = 1024,
@@ -804,8 +862,14 @@ def zero_pixels(x: torch.Tensor, p: float, generator: torch.Generator | None = N
     if p <= 0:
         return x
     shape = (x.shape[0], 1, *x.shape[2:]) if x.dim() == 4 else x.shape
-    keep = torch.rand(shape, generator=generator, device="cpu").to(x.device) >= p
+    keep = torch.rand(shape, generator=generator, device=_draw_device(generator)).to(x.device) >= p
     return x * keep
+
+
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where random numbers for ``x`` are drawn: on ``generator``'s device (distillation gives it
+    one on the GPU, so the masks never cross to the host), else on the CPU as before."""
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def flip(x: torch.Tensor, dims: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -815,7 +879,7 @@ def flip(x: torch.Tensor, dims: str, generator: torch.Generator | None = None) -
         return x
     for axis, dim in (("h", 3), ("v", 2)):
         if axis in dims:
-            chosen = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+            chosen = (torch.rand(x.shape[0], generator=generator, device=_draw_device(generator)) < 0.5).to(x.device)
             x = torch.where(chosen.view(-1, 1, 1, 1), x.flip(dim), x)
     return x
 

@@ -26,7 +26,10 @@ then a tenth of it for 10 more.
 from __future__ import annotations
 
 import contextlib
+import copy
+import ctypes
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +47,8 @@ from .mc import MCSampler
 from .model import clone_model, freeze, nonfinite_weights, probe, uses_channels_last
 from .outputs import check_class_dim, select_output
 from .parallel import SINGLE, World
-from .resume import RunState, interrupted, load_state, restore, save_state, stop_requests
+from .resume import (RunState, device_rng_state, interrupted, load_state, restore, save_state, set_device_rng_state,
+                     stop_requests)
 
 LOSSES = ("kl", "mse")
 OPTIMIZERS = ("sgd", "adam")
@@ -179,6 +183,32 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+#: glibc's malloc settings for a distillation on the CPU (see :func:`steady_heap`).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_BYTES, HEAP_TRIM_BYTES = 64 << 20, 128 << 20
+
+
+def steady_heap() -> bool:
+    """Keep the memory of freed activations in the process (glibc's malloc, Linux) instead of
+    handing it back to the kernel at every step and faulting it in again at the next.
+
+    By default glibc serves a large block (a batch's activations, MBs) from a fresh mmap and
+    returns it when freed, or trims the heap's top once it is free; the thresholds for both move
+    with the sizes seen so far, so a process settles into a mode that holds until it ends. Each
+    fresh page then costs a page fault when first written: measured on Quick at batch 64 on the
+    CPU, about 12,900 minor faults a distillation step (6,600 a step of the student alone), and
+    about 5 with fixed thresholds (BENCHMARKS.md, "Distillation speed"). Fixed here:
+    blocks under 64 MiB come from the heap, and up to 128 MiB of its free top is kept. Returns
+    whether the settings were applied (not on other C libraries or systems)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_BYTES))
+
+
 # --------------------------------------------------------------------------- set-up
 @dataclass
 class _Run:
@@ -193,7 +223,7 @@ class _Run:
     trained: nn.Module  # what a step runs: the student, DDP-wrapped and compiled as asked
     sampler: MCSampler  # the frozen teacher's masked passes
     opt: torch.optim.Optimizer
-    generator: torch.Generator  # the perturbations of S, drawn in this process
+    generator: torch.Generator  # the perturbations of S, drawn in this process (on the GPU on CUDA)
     perturb: Callable[[torch.Tensor], torch.Tensor] | None  # pixels zeroed and flips, from that generator
     channels_last: bool
     batch: int  # this rank's share of the global batch
@@ -208,10 +238,11 @@ class _Run:
     def batches(self, epoch: int, skip: int):
         """(step, raw batch) of ``epoch`` from step ``skip + 1`` on: this rank's share, in the epoch's order."""
         order = parallel.shard(self.world, _epoch_order(len(self.data), self.config.seed, epoch))
-        return enumerate(self.data.batches(order[skip * self.batch:], self.batch), start=skip + 1)
+        return enumerate(self.data.batches(order[skip * self.batch:], self.batch, self.device), start=skip + 1)
 
     def inputs(self, raw: torch.Tensor) -> torch.Tensor:
-        """A raw batch of S as model input, perturbed (the paper's S: pixels zeroed, flips)."""
+        """A raw batch of S (on the device already) as model input, scaled, perturbed (the paper's
+        S: pixels zeroed, flips) and normalised there."""
         x = self.preprocess.prepare(raw.to(self.device, non_blocking=True), self.perturb)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -279,6 +310,7 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     batch = parallel.local_batch(world, config.batch_size)
     data, val = _held_out(data, preprocess, config, val)
     example = preprocess.prepare(data.sample(2))
+    preprocess.prepare(data.sample(2).to(device))  # the normalisation's values copied to the device now, not in a step
     out = probe(model, example, config.output)
     if config.loss == "kl":
         check_class_dim(out, config.class_dim)
@@ -292,7 +324,8 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     if config.compile:  # the student only: under the sampling mode, the teacher recompiles at every op
         trained = _compiled(trained)
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
-    generator = torch.Generator().manual_seed(_rank_seed(config, world))
+    # on CUDA the perturbations are drawn on the GPU: no mask crosses from the host
+    generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(_rank_seed(config, world))
     perturb = perturbation(config.perturb, config.flip, generator)
     run = _Run(config, world, device, data, preprocess, student, trained, sampler, opt, generator, perturb,
                channels_last, batch, example, val)
@@ -339,43 +372,121 @@ def _start(run: _Run, checkpoint: Path | None, resume: bool, fingerprint: dict) 
 
 
 def _save(run: _Run, state: RunState, checkpoint: Path | None, fingerprint: dict, epoch: int, step: int) -> None:
-    """Write the resumable state after ``step`` of ``epoch`` (rank 0 writes every rank's random state)."""
+    """Write the resumable state after ``step`` of ``epoch`` (rank 0 writes every rank's random
+    states: torch's CPU generator, the device's, which draws the masks on CUDA, and the
+    perturbations' generator)."""
     if checkpoint is None:
         return
-    states = parallel.gather(run.world, (torch.get_rng_state(), run.generator.get_state()))
+    states = parallel.gather(run.world, (torch.get_rng_state(), run.generator.get_state(), device_rng_state(run.device)))
     if run.world.main:
         save_state(checkpoint, config=run.config.as_dict(), epoch=epoch, step=step,
                    teacher_sha256=fingerprint.get("teacher"), fingerprint=fingerprint,
                    student=_weights(run.student), optimizer=run.opt.state_dict(),
-                   generator=[g for _, g in states], rng=[r for r, _ in states],
-                   history=state.history, best=state.best, world_size=run.world.size)
+                   generator=[g for _, g, _ in states], rng=[r for r, _, _ in states],
+                   device_rng=[d for _, _, d in states], history=state.history, best=state.best,
+                   world_size=run.world.size)
     parallel.barrier(run.world)
 
 
-# --------------------------------------------------------------------------- bookkeeping
+# --------------------------------------------------------------------------- check points
+#: Steps between two check points. A step never waits for the device: its loss is summed where
+#: it was computed, and only a check point reads anything back (one host synchronisation, and
+#: under torchrun one all-reduce): whether the losses and weights are finite, whether a rank was
+#: asked to stop, and the loss the progress shows. A NaN is found at most this many steps late,
+#: and the run falls back to the state of the last check point.
+CHECK_EVERY = 50
+
+
+@dataclass
+class _Good:
+    """The last state a check point found finite, kept on the device, to fall back to."""
+
+    epoch: int  # where a resumed run would continue: after ``step`` of ``epoch``
+    step: int
+    student: dict[str, torch.Tensor]
+    optimizer: dict
+    rng: torch.Tensor
+    generator: torch.Tensor
+    device_rng: torch.Tensor | None
+
+    @classmethod
+    def of(cls, run: _Run, epoch: int, step: int) -> "_Good":
+        """Copies on the device: nothing is read back to the host."""
+        return cls(epoch, step, {k: v.detach().clone() for k, v in run.student.state_dict().items()},
+                   copy.deepcopy(run.opt.state_dict()), torch.get_rng_state(), run.generator.get_state(),
+                   device_rng_state(run.device))
+
+    def restore(self, run: _Run) -> None:
+        run.student.load_state_dict(self.student)
+        run.opt.load_state_dict(self.optimizer)
+        torch.set_rng_state(self.rng)
+        run.generator.set_state(self.generator)
+        set_device_rng_state(run.device, self.device_rng)
+
+
 class _Meter:
-    """Inputs seen, summed loss and elapsed time within one epoch, reported after each step."""
+    """Inputs seen and the summed loss of one epoch. The sum stays on the device (a step adds
+    to it and reads nothing); :meth:`read` brings it to the host, at check points only."""
 
     def __init__(self, run: _Run, epoch: int, lr: float, progress):
         self.run, self.epoch, self.lr, self.progress = run, epoch, lr, progress
-        self.start, self.seen, self.loss_sum = time.perf_counter(), 0, 0.0
+        self.start, self.seen = time.perf_counter(), 0
+        self.loss_sum = torch.zeros((), device=run.device)
+        self.shown: float | None = None  # the mean loss as the last check point read it
 
-    def step(self, step: int, loss: torch.Tensor, rows: int) -> None:
-        value = loss.item()
+    def add(self, loss: torch.Tensor, rows: int) -> None:
+        """Add a step's batch-mean ``loss`` (a device tensor) for ``rows`` inputs."""
         self.seen += rows
-        self.loss_sum += value * rows
+        self.loss_sum += loss.float() * rows
+
+    def report(self, step: int) -> None:
+        """Progress after ``step``, with the epoch's mean loss as the last check point read it."""
         if self.progress:
             steps = self.run.steps_per_epoch
             rate = self.seen * self.run.world.size / max(time.perf_counter() - self.start, 1e-9)  # all ranks
-            self.progress({"event": "step", "done": self.epoch * steps + step, "total": steps * self.run.config.epochs,
-                           "epoch": self.epoch + 1, "loss": value, "lr": self.lr, "samples_per_s": rate})
+            event = {"event": "step", "done": self.epoch * steps + step, "total": steps * self.run.config.epochs,
+                     "epoch": self.epoch + 1, "lr": self.lr, "samples_per_s": rate}
+            self.progress({**event, "loss": self.shown} if self.shown is not None else event)
+
+    def read(self) -> float:
+        """This rank's mean loss so far in the epoch (a host synchronisation)."""
+        return self.loss_sum.item() / max(self.seen, 1)
+
+
+def _all_finite(run: _Run, meter: _Meter) -> torch.Tensor:
+    """Whether every loss summed so far in the epoch and every weight is finite, as a device
+    tensor (a NaN or infinite loss leaves the sum so)."""
+    weights = [torch.isfinite(p).all() for p in run.student.parameters()]
+    return torch.stack([torch.isfinite(meter.loss_sum), *weights]).all()
+
+
+def _check_point(run: _Run, meter: _Meter, stop: dict, good: _Good, save, epoch: int, step: int,
+                 checkpoint: Path | None) -> _Good:
+    """Read the flags back once: a non-finite loss or weight on any rank restores every rank to
+    ``good`` (at most :data:`CHECK_EVERY` steps back), writes that state and stops; a stop
+    request (SIGINT/SIGTERM) on any rank writes the state and stops. Otherwise this is the new
+    last good state."""
+    flags = torch.stack([(~_all_finite(run, meter)).to(torch.int64),
+                         torch.tensor(stop["signum"], dtype=torch.int64, device=run.device)])
+    bad, signum = parallel.max_over_ranks(run.world, flags)
+    if bad:
+        good.restore(run)
+        save(good.epoch, good.step)
+        where = f"; the last good checkpoint is {checkpoint} (epoch {good.epoch + 1}, after step {good.step})" \
+            if checkpoint and checkpoint.exists() else ""
+        raise ModelError(f"the distillation loss became NaN or infinite at epoch {epoch + 1}, between step "
+                         f"{good.step if good.epoch == epoch else 0} and step {step}{where}; lower --lr")
+    if signum:
+        save(epoch, step)
+        raise interrupted(signum, epoch, step, checkpoint)
+    return _Good.of(run, epoch, step) if step < run.steps_per_epoch else _Good.of(run, epoch + 1, 0)
 
 
 def _end_epoch(run: _Run, state: RunState, meter: _Meter, save) -> bool:
     """Record the epoch (loss, speed, held-out fidelity), keep the best weights, write the
     resumable state, report; True when early stopping ends the run."""
     seconds, epoch = time.perf_counter() - meter.start, meter.epoch
-    record = {"epoch": epoch + 1, "lr": meter.lr, "loss": meter.loss_sum / max(meter.seen, 1), "seconds": round(seconds, 3),
+    record = {"epoch": epoch + 1, "lr": meter.lr, "loss": meter.read(), "seconds": round(seconds, 3),
               "samples_per_s": round(meter.seen * run.world.size / max(seconds, 1e-9), 1)}  # all ranks together
     if run.data.skipped:
         record["skipped_files"] = run.data.skipped
@@ -389,21 +500,6 @@ def _end_epoch(run: _Run, state: RunState, meter: _Meter, save) -> bool:
         meter.progress({"event": "epoch", **record, "epochs": run.config.epochs})
     patience = run.config.patience
     return bool(patience and state.best and epoch + 1 - state.best["epoch"] >= patience)
-
-
-def _check_finite(run: _Run, loss: torch.Tensor, epoch: int, step: int, checkpoint: Path | None) -> None:
-    """A NaN or infinite loss on any rank stops every rank (lower the rate and resume)."""
-    if parallel.any_rank(run.world, int(not torch.isfinite(loss)), run.device):
-        where = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
-        raise ModelError(f"the distillation loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}; lower --lr")
-
-
-def _stop_if_asked(run: _Run, stop: dict, save, epoch: int, step: int, checkpoint: Path | None) -> None:
-    """A SIGINT/SIGTERM on any rank stops every rank after this step, with its state written."""
-    signum = parallel.any_rank(run.world, stop["signum"], run.device)
-    if signum:
-        save(epoch, step)
-        raise interrupted(signum, epoch, step, checkpoint)
 
 
 @torch.no_grad()
@@ -467,6 +563,7 @@ def distill(
     """
     config = config or DistillConfig()
     device = parallel.local_device(world, resolve_device(config.device))
+    steady_heap()
     checkpoint = Path(checkpoint) if checkpoint else None
     with parallel.process_group(world, device):
         run = _set_up(model, data, preprocess, config, val, student, world, device)
@@ -479,29 +576,52 @@ def distill(
 
 def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, fingerprint: dict) -> RunState:
     """Algorithm 2: epochs of SGD steps, each on a batch from S, the frozen teacher's target under
-    fresh masks, and the deterministic student's output."""
+    fresh masks, and the deterministic student's output. A step reads nothing back from the
+    device; every :data:`CHECK_EVERY` steps and at the end of each epoch a check point does
+    (and in a single process, as soon as a stop is asked for)."""
     def save(epoch, step):
         _save(run, state, checkpoint, fingerprint, epoch, step)
 
-    with torch.random.fork_rng(devices=[]), stop_requests() as stop:
-        torch.manual_seed(_rank_seed(run.config, run.world))  # the teacher's dropout masks
-        if state.rng is not None:
-            torch.set_rng_state(state.rng)
+    with _random_streams(run, state), stop_requests() as stop:
+        good = _Good.of(run, state.epoch, state.step)
         for epoch in range(state.epoch, run.config.epochs):
             lr = _learning_rate(run.opt, run.config, epoch)  # Alg. 2, line 8: eta_t (per epoch, Sec. 5.1)
             meter = _Meter(run, epoch, lr, progress)
+            step = checked = state.skip(epoch)
             for step, raw in run.batches(epoch, state.skip(epoch)):
-                x = run.inputs(raw)  # line 6: a batch x_pi from S, perturbed
-                with run.autocast():
-                    target = run.target(x)  # line 7: fresh gates sigma for the frozen teacher, K per input
-                    out = select_output(run.trained(x), run.config.output)  # the deterministic student q(x)
-                loss = run.loss(out, target)  # line 9: l(f_sigma(x), q(x)), the batch mean
-                _check_finite(run, loss, epoch, step, checkpoint)
-                run.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                run.opt.step()  # line 9: Omega <- Omega - eta_t * gradient
-                meter.step(step, loss, raw.shape[0])
-                _stop_if_asked(run, stop, save, epoch, step, checkpoint)
+                meter.add(_step(run, raw), raw.shape[0])
+                meter.report(step)
+                if step % CHECK_EVERY == 0 or step == run.steps_per_epoch or (stop["signum"] and not run.world.distributed):
+                    good, checked = _check_point(run, meter, stop, good, save, epoch, step, checkpoint), step
+                    meter.shown = meter.read() if progress else None
+            if checked != step:  # the epoch ended early (a streamed file that became unreadable): check it all the same
+                good = _check_point(run, meter, stop, good, save, epoch, run.steps_per_epoch, checkpoint)
             if _end_epoch(run, state, meter, save):
                 break
     return state
+
+
+def _step(run: _Run, raw: torch.Tensor) -> torch.Tensor:
+    """One SGD step of Algorithm 2 on a raw batch; its batch-mean loss, left on the device."""
+    x = run.inputs(raw)  # line 6: a batch x_pi from S, perturbed
+    with run.autocast():
+        target = run.target(x)  # line 7: fresh gates sigma for the frozen teacher, K per input
+        out = select_output(run.trained(x), run.config.output)  # the deterministic student q(x)
+    loss = run.loss(out, target)  # line 9: l(f_sigma(x), q(x)), the batch mean
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()  # line 9: Omega <- Omega - eta_t * gradient
+    return loss.detach()
+
+
+@contextlib.contextmanager
+def _random_streams(run: _Run, state: RunState):
+    """torch's generators (the CPU's, and the device's, which draws the masks on CUDA) seeded for
+    this rank, or continued from an interrupted run, for the loop only."""
+    cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(_rank_seed(run.config, run.world))  # the teacher's dropout masks
+        if state.rng is not None:
+            torch.set_rng_state(state.rng)
+            set_device_rng_state(run.device, state.device_rng)
+        yield

@@ -16,9 +16,11 @@ the teacher included:
 * The student is wrapped in DistributedDataParallel: its gradients are all-reduced (averaged), so
   every rank takes the same SGD step. The ranks' local batches are of equal size (above), so that
   average is the gradient of the global batch's mean loss; no loss needs rescaling.
-* Only rank 0 writes checkpoints, logs and the progress bar. A stop request (SIGINT/SIGTERM) on
-  any rank is all-reduced at every step, so all ranks stop at the same step, rank 0 writes the
-  resumable state once (with every rank's random state), and all exit with the same code.
+* Only rank 0 writes checkpoints, logs and the progress bar. Nothing is all-reduced per step but
+  the gradients: at each check point (every ``CHECK_EVERY`` steps and at the end of an epoch,
+  see ``ddtool.distillation``) one all-reduce carries every rank's flags, a non-finite loss or
+  weight and a stop request (SIGINT/SIGTERM), so all ranks stop at the same step, rank 0 writes
+  the resumable state once (with every rank's random state), and all exit with the same code.
 """
 
 from __future__ import annotations
@@ -100,13 +102,15 @@ def shard(world: World, order: torch.Tensor) -> torch.Tensor:
     return order[torch.tensor(list(iter(sampler)), dtype=torch.long)]
 
 
-def any_rank(world: World, flag: int, device: torch.device) -> int:
-    """The largest ``flag`` over all ranks (a signal number, or 0): everyone learns of a stop."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor([flag], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def max_over_ranks(world: World, flags: torch.Tensor) -> list[int]:
+    """The largest value of each of the integer ``flags`` over all ranks (a non-finite loss, a
+    signal number, or 0), read back to the host: one all-reduce and one synchronisation."""
+    if world.distributed:
+        flags = flags.to(torch.int64)
+        if flags.device.type != "cuda":  # gloo reduces CPU tensors; NCCL CUDA ones
+            flags = flags.cpu()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [int(v) for v in flags.tolist()]
 
 
 def gather(world: World, obj):

@@ -2,7 +2,8 @@
 
 A run writes its state after every epoch and when SIGINT/SIGTERM asks it to stop (between two
 steps): the student's weights, the optimizer's state, every rank's random state (torch's, which
-draws the teacher's masks, and the generator of the perturbations), the history so far, the best
+draws the teacher's masks, the accelerator's (on CUDA the masks come from its generator, not the
+CPU's), and the generator of the perturbations), the history so far, the best
 epoch with early stopping, the settings, and the run's fingerprint (the teacher's hash, the
 inputs' names, sizes and count, the architecture and preprocessing), so that ``--resume`` of
 another run is refused instead of mixing two runs. The data order of an epoch is a function of
@@ -50,6 +51,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None  # {"epoch", "fidelity", "student": state dict}
     rng: torch.Tensor | None = None  # this rank's torch random state; None for a fresh run
+    device_rng: torch.Tensor | None = None  # this rank's CUDA generator state, if the run was on CUDA
 
     def skip(self, epoch: int) -> int:
         """Steps of ``epoch`` already done (only the epoch a run was interrupted in has any)."""
@@ -73,6 +75,29 @@ def stop_requests():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The state of ``device``'s default generator (what draws the masks of tensors on it), or
+    None for the CPU, whose generator is :func:`torch.get_rng_state`."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    """Restore what :func:`device_rng_state` returned (nothing for the CPU, or for a state saved on
+    another kind of device: ``--device`` may change on ``--resume``, its masks then differ)."""
+    if state is None or device.type not in ("cuda", "mps"):
+        return
+    if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+        raise ValueError("the saved device random state is not a byte tensor")
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.mps.set_rng_state(state)
 
 
 def save_state(path: Path, **state) -> None:
@@ -117,9 +142,14 @@ def restore(saved: dict, path: Path, student: nn.Module, opt: torch.optim.Optimi
     try:
         student.load_state_dict(saved["student"])
         opt.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"][rank])
+        if saved["generator"][rank].shape == generator.get_state().shape:  # (else saved on another kind of device)
+            generator.set_state(saved["generator"][rank])
+        device_rng = saved.get("device_rng") or [None] * (rank + 1)  # (absent from states of older versions)
         state = RunState(int(saved["epoch"]), int(saved["step"]), list(saved["history"]), saved.get("best"),
-                         saved["rng"][rank])
+                         saved["rng"][rank], device_rng[rank])
+        if not (state.device_rng is None or (isinstance(state.device_rng, torch.Tensor)
+                                             and state.device_rng.dtype == torch.uint8 and state.device_rng.dim() == 1)):
+            raise ValueError("the saved device random state has another type")
         if not (isinstance(state.rng, torch.Tensor) and state.rng.dtype == torch.uint8
                 and state.rng.shape == torch.get_rng_state().shape):
             raise ValueError("the saved random state has another type or size")

@@ -11,6 +11,7 @@ from torch import nn
 import tiny_arch
 from conftest import write_images
 from ddtool.data import Preprocess, index_folder, open_unlabelled
+from ddtool import distillation
 from ddtool.distillation import DistillConfig, distill, kl_loss, resolve_device
 from ddtool.mc import MCSampler, mc_average, probabilities
 from ddtool.errors import ModelError, NoDropoutError, UsageError
@@ -297,3 +298,90 @@ def test_streamed_and_cached_folders_give_the_same_student(tmp_path, tiny_model)
     a = distill(tiny_model, cached, PRE, cfg).student
     b = distill(tiny_model, streamed, PRE, cfg).student
     assert _same(a, b)
+
+
+# --------------------------------------------------------------------------- no host synchronisation per step
+#: The Tensor methods that read a value back to the host (on CUDA, each waits for the device).
+HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _host_reads(monkeypatch, run) -> dict[str, int]:
+    """How many times ``run()`` calls each of :data:`HOST_READS` on a tensor."""
+    counts = dict.fromkeys(HOST_READS, 0)
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            def counted(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+                counts[_name] += 1
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counted)
+        run()
+    return counts
+
+
+def test_a_step_reads_nothing_back_from_the_device(monkeypatch, tiny_model):
+    """The same run with 4 and with 16 steps per epoch, check points only at the end of each
+    epoch: the host reads of the two are the same (the set-up's, the check points', the end's),
+    so a step itself makes none. Images, so scaling, flips and zeroed pixels are on the path."""
+    monkeypatch.setattr(distillation, "CHECK_EVERY", 1000)
+    images = (torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+
+    def run(batch):
+        cfg = DistillConfig(epochs=2, batch_size=batch, teacher_samples=2, perturb=0.2, flip="hv")
+        return _host_reads(monkeypatch, lambda: distill(tiny_model, images, PRE, cfg, progress=lambda e: None))
+
+    few, many = run(16), run(4)
+    assert many == few, f"host reads with 4 steps an epoch {few}, with 16 {many}"
+    assert sum(few.values()) > 0  # the counting works: the check points read
+
+
+def test_a_check_point_every_n_steps_reads_once(monkeypatch, tiny_model):
+    """Check points every 2 steps: twice the check points, more reads; still none per step
+    beyond them (8 steps an epoch against 4, as many check points per step)."""
+    monkeypatch.setattr(distillation, "CHECK_EVERY", 2)
+    x = _inputs(32)
+
+    def reads(batch):
+        cfg = DistillConfig(epochs=1, batch_size=batch, teacher_samples=2)
+        return sum(_host_reads(monkeypatch, lambda: distill(tiny_model, x, PRE, cfg)).values())
+
+    base = sum(_host_reads(monkeypatch, lambda: distill(tiny_model, x, PRE, DistillConfig(epochs=1, batch_size=32))).values())
+    four, eight = reads(8) - base, reads(4) - base  # 2 and 4 check points, against the base run's 1
+    assert eight == 3 * four and four > 0
+
+
+def test_a_nan_mid_epoch_falls_back_at_most_n_steps(monkeypatch, tmp_path, tiny_model):
+    """A NaN after step 3 is found at the check point of step 4; the run falls back to the state
+    of step 2 (finite weights), writes it and stops with the documented error (exit 8)."""
+    monkeypatch.setattr(distillation, "CHECK_EVERY", 2)
+    student, ckpt = clone_model(tiny_model), tmp_path / "resume.pt"
+
+    def poison(event):
+        if event["event"] == "step" and event["done"] == 3:
+            with torch.no_grad():
+                student[0].weight.fill_(float("nan"))
+
+    with pytest.raises(ModelError, match=r"NaN or infinite at epoch 1, between step 2 and step 4.*last good checkpoint"):
+        distill(tiny_model, _inputs(64), PRE, DistillConfig(epochs=2, batch_size=8), progress=poison,
+                student=student, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 2)
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
+    assert all(torch.isfinite(v).all() for v in student.state_dict().values())  # restored in place too
+    resumed = distill(tiny_model, _inputs(64), PRE, DistillConfig(epochs=2, batch_size=8, lr=0.005),
+                      checkpoint=ckpt, resume=True)  # --resume with a lower rate continues from there
+    assert len(resumed.history) == 2
+
+
+def test_an_epoch_cut_short_is_still_checked(monkeypatch, tmp_path, tiny_model):
+    """A streamed file that becomes unreadable after the folder was opened makes the epoch one
+    step short of its count: its end is checked all the same (finite, stop requests), once."""
+    monkeypatch.setattr(distillation, "CHECK_EVERY", 1000)
+    write_images(tmp_path / "s", 12)
+    index = index_folder(tmp_path / "s", labelled=False)
+    streamed = open_unlabelled(index, PRE, list(range(12)), cache_mb=0, workers=0)
+    (tmp_path / "s" / "img005.png").write_bytes(b"not a png any more")
+    calls, original = [], distillation._check_point
+    monkeypatch.setattr(distillation, "_check_point", lambda *args: calls.append(args[6]) or original(*args))
+    distill(tiny_model, streamed, PRE, DistillConfig(epochs=1, batch_size=1))
+    assert calls == [12]  # 11 steps taken, the epoch's end checked as its nominal last step

@@ -1,7 +1,9 @@
 """Data-parallel distillation, launched the way a user launches it: torchrun, 2 processes, gloo."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _distill(tmp: Path, out: str, *extra, procs: int = 1, wait: bool = True):
+def _machines(port: int) -> list[str]:
+    """torchrun's flags for one of two machines, as the README gives them (HOST = localhost)."""
+    return ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+            "--rdzv-id", "ddtool-test"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _distill(tmp: Path, out: str, *extra, procs: int = 1, wait: bool = True, launch: list[str] | None = None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] \
         if procs > 1 else [sys.executable]
+    if launch:
+        launcher = [sys.executable, "-m", "torch.distributed.run", *launch]
     args = ["-m", "ddtool", "distill", str(tmp / "teacher.pt"), "--arch", ARCH, "--data", str(tmp / "images"),
             "--out", str(tmp / out), "--perturb", "0", "--batch-size", "8", *map(str, extra)]
     if not wait:
@@ -64,6 +80,27 @@ def test_two_processes_match_one_on_the_same_global_batch(setup):
     assert _diff(ddp, single) < 0.15 * moved
     assert _diff(ddp, single) < 0.3 * _diff(other_batch, single)
     assert not (setup / "ddp" / "resume.pt").exists() and (setup / "ddp" / "history.json").exists()
+
+
+def test_two_machines_match_one_process(setup):
+    """Two "machines" on one host: two torchrun launches of one process each, joined by the c10d
+    rendezvous on a free port, with the flags of the README's several-machines command. The
+    result equals one process on the same global batches within the 2-process test's tolerance."""
+    readme = (ROOT / "README.md").read_text()
+    assert " ".join(_machines(29500)).replace("localhost", "HOST").replace("ddtool-test", "JOB") in readme
+    single = _distill(setup, "single", *RUN)
+    launch = _machines(_free_port())
+    nodes = [_distill(setup, "nodes", *RUN, wait=False, launch=launch) for _ in range(2)]
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        assert node.returncode == 0, out[-2000:] + err[-4000:]
+    two = torch.load(setup / "nodes" / "model.pt", weights_only=True)["state_dict"]
+    other_batch = _distill(setup, "b4", *RUN, "--batch-size", 4)
+    moved = _diff(single, torch.load(setup / "teacher.pt", weights_only=True))
+    assert _diff(two, single) < 0.15 * moved
+    assert _diff(two, single) < 0.3 * _diff(other_batch, single)
+    state = json.loads((setup / "nodes" / "history.json").read_text())
+    assert len(state) == 2
 
 
 def test_an_uneven_last_batch(setup):
