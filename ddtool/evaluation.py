@@ -249,9 +249,8 @@ def evaluate(
     tagging) is compared with MC position by position, and its labels, which are per input,
     are not used. ``classes`` are the models' class names in output order: class subfolders
     are matched to them by name (see :func:`ddtool.data.class_labels`). ``timing=False`` skips
-    the batch-1 latency runs (for quick checks). ``regression``: the outputs are embeddings,
-    compared with the MC-average output in MSE and cosine (``class_dim`` is then the embedding
-    axis; labels are not used).
+    the batch-1 latency runs. ``regression``: embeddings, compared with the MC-average output
+    in MSE and cosine (``class_dim``: the embedding axis; labels unused).
     """
     require(inputs.x.numel() * 4, f"the {len(inputs):,} inputs as floats", "evaluate on fewer inputs or a smaller --size")
     x = preprocess.prepare(inputs.x)
