@@ -468,7 +468,8 @@ def export(
 
 
 def _print_export(result) -> None:
-    out.print(f"wrote {result.path} ({result.format}); parity at batch {' and '.join(map(str, result.parity_batches))}: "
+    lengths = f", sequence length {' and '.join(map(str, result.parity_lengths))}" if result.parity_lengths else ""
+    out.print(f"wrote {result.path} ({result.format}); parity at batch {' and '.join(map(str, result.parity_batches))}{lengths}: "
               f"max |diff| {result.max_abs_diff:.2e} <= {result.atol:g}")
 
 

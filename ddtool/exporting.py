@@ -44,6 +44,8 @@ FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
 #: Batch sizes the parity check runs at: one, and a larger one to exercise the dynamic axis.
 PARITY_BATCHES = (1, 64)
+#: Text models' ONNX parity: these batch sizes, each at these sequence lengths (capped at --max-length).
+TEXT_PARITY_BATCHES, TEXT_PARITY_LENGTHS = (1, 7), (5, 23)
 #: Name of the JSON metadata inside TorchScript and .pt2 archives.
 METADATA_FILE = "ddtool.json"
 
@@ -59,6 +61,7 @@ class ExportResult:
     max_abs_diff: float
     atol: float
     outputs: list[str] = field(default_factory=list)
+    parity_lengths: list[int] = field(default_factory=list)  # text: the sequence lengths checked
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -214,7 +217,7 @@ def _export_onnx_text(model: Servable, out: Path, outputs: Outputs, text: dict, 
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - exporter failures come in many types
         raise ExportError(f"ONNX export failed: {first_line(err)}") from None
-    shapes = [(1, 5), (1, min(text["max_length"], 23)), (7, 5), (7, min(text["max_length"], 23))]
+    shapes = [(b, min(text["max_length"], n)) for b in TEXT_PARITY_BATCHES for n in TEXT_PARITY_LENGTHS]
     inputs = parity_batches(text, shapes, seed=2)
     diff = _check_parity(model, lambda x: session.run(None, {n: x[:, i].numpy() for i, n in enumerate(names)}), inputs,
                          atol, "onnxruntime")
@@ -311,8 +314,9 @@ def export(
             staged.path(data_file)
         if text and format == "onnx":
             diff, names = _export_onnx_text(servable, Path(out), staged, text, atol, opts)
-        else:
-            diff = write(servable, Path(out), staged, example, inputs, atol, opts)
+            return ExportResult(str(out), format, list(input_shape), list(TEXT_PARITY_BATCHES), diff, atol, names,
+                                [min(text["max_length"], n) for n in TEXT_PARITY_LENGTHS])
+        diff = write(servable, Path(out), staged, example, inputs, atol, opts)
     return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, names)
 
 

@@ -165,3 +165,48 @@ def test_state_dict_with_stale_position_ids_loads_and_says_so(tmp_path, capfd):
     assert "ignored 1 key" in err and "bert.embeddings.position_ids" in err
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value)
+
+
+def test_labelled_text_sets_and_max_length(folders, tmp_path):
+    """Labels from class subfolders of .txt, or from .jsonl names; --max-length cuts the tokens."""
+    settings = load_model(folders["clf"]).preprocess["text"]
+    pre = Preprocess(text=settings)
+    for name, lines in (("neg", ["the cat sleeps", "a dog runs"]), ("pos", ["the bird sees a fish"])):
+        (tmp_path / "sub" / name).mkdir(parents=True)
+        (tmp_path / "sub" / name / "x.txt").write_text("\n".join(lines) + "\n")
+    inputs = read_folder(tmp_path / "sub", pre)
+    assert inputs.classes == ["neg", "pos"] and inputs.labels.tolist() == [0, 0, 1]
+    (tmp_path / "named").mkdir()
+    (tmp_path / "named" / "a.jsonl").write_text('{"text": "a cat", "label": "pos"}\n{"text": "a dog", "label": "neg"}\n')
+    named = read_folder(tmp_path / "named", pre)
+    assert named.classes == ["neg", "pos"] and named.labels.tolist() == [1, 0]
+    long = " ".join(tt.WORDS)
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "a.txt").write_text(long + "\n")
+    assert read_folder(tmp_path / "long", Preprocess(text={**settings, "max_length": 9})).x.shape[-1] == 9
+    found = json.loads(cli("inspect", folders["clf"], "--data", tmp_path / "long", "--max-length", 9, "--json").stdout)
+    assert "at most 9 tokens" in found["reading"]
+
+
+def test_max_length_is_refused_for_a_model_that_reads_no_text(tmp_path):
+    from ddtool.pipeline import inspect_checkpoint
+    from ddtool.errors import UsageError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    torch.save(model, tmp_path / "m.pt")
+    with pytest.raises(UsageError, match="--max-length applies to text models"):
+        inspect_checkpoint(tmp_path / "m.pt", trust=True, input_shape=(4,), max_length=9)
+
+
+def test_unreadable_jsonl_lines_are_counted_and_too_many_refused(folders, tmp_path):
+    from ddtool.errors import DataError
+
+    pre = Preprocess(text=load_model(folders["clf"]).preprocess["text"])
+    (tmp_path / "d").mkdir()
+    good = "".join(json.dumps({"text": t}) + "\n" for t in tt.sentences(19))
+    (tmp_path / "d" / "a.jsonl").write_text(good + "{broken\n")
+    inputs = read_folder(tmp_path / "d", pre, labelled=False)
+    assert len(inputs) == 19 and inputs.skipped == 1
+    (tmp_path / "d" / "b.jsonl").write_text('{"no_text": 1}\n' * 5)
+    with pytest.raises(DataError, match="unreadable"):
+        read_folder(tmp_path / "d", pre, labelled=False)
