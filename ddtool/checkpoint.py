@@ -362,6 +362,9 @@ class ExportedModel(nn.Module):
 
 
 _UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")
+#: aten operators whose names look like Python dunders (the bitwise ones a transformers attention
+#: mask uses); none is an attribute of torch.ops' namespaces, so each resolves to the operator.
+_ATEN_DUNDER_OPS = {"__and__", "__or__", "__xor__", "__lshift__", "__rshift__"}
 #: Members of a .pt2 archive that torch reads as text or JSON, never as a pickle.
 _PT2_TEXT = ("archive_format", "archive_version", "version", "byteorder", "serialization_id")
 #: Functions a sympy expression in a .pt2 may call (sympy's own and torch's symbolic functions).
@@ -407,6 +410,8 @@ def _arithmetic_expression(text: str) -> bool:
 def _safe_target(text: str) -> bool:
     """Whether a serialized node target names a torch operator or plain arithmetic."""
     parts = text.split(".")
+    if text.startswith("torch.ops.aten.") and len(parts) in (4, 5) and parts[3] in _ATEN_DUNDER_OPS:
+        parts = parts[:3] + parts[4:]  # (an operator named like a dunder: nothing Python would resolve as an attribute)
     if any(not p or p.startswith("__") for p in parts):
         return False
     if text.startswith("torch.ops."):

@@ -849,11 +849,15 @@ def input_spec(pre: Preprocess, sample: torch.Tensor) -> dict:
 
 
 def spec_example(spec: dict, batch: int = 2) -> torch.Tensor:
-    """An input matching an :func:`input_spec`: seeded normal floats, or zeros for integer inputs."""
+    """An input matching an :func:`input_spec`: seeded normal floats, or zeros for integer inputs
+    (of a stacked text input (K, L), the attention mask, row 1, is ones: no row all padding)."""
     dtype = getattr(torch, spec["dtype"])
     if dtype.is_floating_point:
         return example_input(tuple(spec["shape"]), batch).to(dtype)
-    return torch.zeros((batch, *spec["shape"]), dtype=dtype)
+    x = torch.zeros((batch, *spec["shape"]), dtype=dtype)
+    if x.dim() == 3 and x.shape[1] > 1:
+        x[:, 1] = 1
+    return x
 
 
 # --------------------------------------------------------------------------- perturbations

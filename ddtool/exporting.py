@@ -250,7 +250,8 @@ def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, 
 def _export_pt2(model: nn.Module, out: Path, outputs: Outputs, example, inputs, atol: float, opts: dict) -> float:
     try:
         with quiet_fds():
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            dynamic = opts.get("dynamic") or {0: torch.export.Dim("batch")}
+            program = torch.export.export(model, (example,), dynamic_shapes=(dynamic,))
             extra = {METADATA_FILE: json.dumps(opts.get("metadata") or {})}
             data = to_bytes(lambda buffer: torch.export.save(program, buffer, extra_files=extra))
             reloaded = torch.export.load(io.BytesIO(data)).module()  # our own archive, just written
@@ -306,8 +307,10 @@ def export(
     if text:  # token ids within the vocabulary, with padding, rather than 0/1 values
         from .text import parity_batches
 
-        inputs = parity_batches(text, [(1, input_shape[-1]), (PARITY_BATCHES[1], input_shape[-1])], seed=0)
-        example = inputs[1][:2]
+        lengths = [min(text["max_length"], n) for n in TEXT_PARITY_LENGTHS]  # two lengths: a frozen one is caught
+        inputs = parity_batches(text, [(1, lengths[0]), (PARITY_BATCHES[1], lengths[1])], seed=0)
+        example = parity_batches(text, [(2, min(text["max_length"], 8))], seed=1)[0]
+        opts["dynamic"] = {0: torch.export.Dim("batch"), 2: torch.export.Dim("sequence", min=2, max=max(text["max_length"], 3))}
     with contextlib.nullcontext(outputs) if outputs is not None else Outputs(force) as staged:
         staged.path(out)  # checked before the work: an input, or an existing file without --force
         if data_file is not None:
@@ -317,7 +320,8 @@ def export(
             return ExportResult(str(out), format, list(input_shape), list(TEXT_PARITY_BATCHES), diff, atol, names,
                                 [min(text["max_length"], n) for n in TEXT_PARITY_LENGTHS])
         diff = write(servable, Path(out), staged, example, inputs, atol, opts)
-    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, names)
+    checked = [x.shape[-1] for x in inputs] if text else []
+    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, names, checked)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -69,9 +69,10 @@ def test_sentence_folder_reproduces_sentence_transformers_pooling(folders):
 
 def test_sentence_folder_onnx_padding_invariant_at_unseen_lengths(folders, tmp_path):
     out = tmp_path / "d"
-    done = json.loads(cli("distill", folders["st"], "--data", folders["data"], "--out", out, "--export", "onnx",
+    done = json.loads(cli("distill", folders["st"], "--data", folders["data"], "--out", out, "--export", "onnx,pt2",
                           *DISTILL, "--json").stdout)
     assert done["history"][-1]["loss"] < 1  # MSE on unit-norm embeddings
+    assert done["exports"][0]["parity_lengths"] == [5, 23] and done["exports"][1]["parity_lengths"] == [5, 23]
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -88,6 +89,8 @@ def test_sentence_folder_onnx_padding_invariant_at_unseen_lengths(folders, tmp_p
     rows = json.loads(cli("predict", out / "model.onnx", "--data", folders["val"], "--json").stdout)["predictions"]
     same = json.loads(cli("predict", out, "--data", folders["val"], "--json").stdout)["predictions"]
     assert len(rows[0]["output"]) == 32 and np.abs(np.array(rows[0]["output"]) - np.array(same[0]["output"])).max() < 1e-4
+    program = json.loads(cli("predict", out / "model.pt2", "--data", folders["val"], "--json").stdout)["predictions"]
+    assert np.abs(np.array(program[-1]["output"]) - np.array(same[-1]["output"])).max() < 1e-4
     report = json.loads(cli("evaluate", folders["st"], "--data", folders["data"], "--distilled", out, "--mc-samples", 8,
                             "--no-timing", "--json").stdout)
     distilled = next(r for r in report["results"] if r["method"] == "d")
