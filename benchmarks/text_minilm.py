@@ -12,7 +12,8 @@ latency of the distilled ONNX file (onnxruntime) against MC-32 (32 masked passes
 one batch, PyTorch). Then a BertForSequenceClassification built on the MiniLM encoder (its
 weights, a seeded random 4-class head): KL(MC || model) and top-1 agreement with MC-32.
 
-    .venv/bin/python benchmarks/text_minilm.py --seeds 2
+    .venv/bin/python benchmarks/text_minilm.py --seeds 2 --test 200 --tasks embedding
+    .venv/bin/python benchmarks/text_minilm.py --seeds 1 --test 200 --tasks classifier --name text_minilm_classifier
 """
 
 from __future__ import annotations
@@ -156,6 +157,27 @@ def sentence_transformers_diff(model, settings: dict, texts: list[str], folder: 
     return float((ours - reference.cpu()).abs().max())
 
 
+def latencies(folder: Path, texts: list[str], work: Path, runs: int = 40) -> dict:
+    """Batch-1 latency on single sentences (each cut to its own length): the ONNX file of the
+    encoder (the distilled student has the same architecture, so the same cost), PyTorch
+    standard, and MC-32 (32 masked passes stacked in one batch)."""
+    from ddtool.mc import MCSampler
+    from ddtool.text import trim
+
+    loaded = load_model(folder)
+    settings = loaded.preprocess["text"]
+    singles = [trim(encode(settings, [t])) for t in texts[:runs + 10]]
+    onnx_ms = onnx_latency(loaded.model, settings, encode(settings, texts[:100]), work / "latency.onnx")
+    from ddtool.dropout import deterministic
+
+    with torch.no_grad(), deterministic(loaded.model):
+        standard_ms = median_ms(loaded.model, singles, warmup=10)
+        sampler = MCSampler(loaded.model, singles[0].repeat(2, 1, 1))
+        mc_ms = median_ms(lambda x: sampler.mean(x, MC), singles[:20], warmup=4)
+    return {"onnx_b1_ms": onnx_ms, "standard_b1_ms": standard_ms, "mc32_b1_ms": mc_ms, "runs": runs,
+            "tokens_median": float(np.median([x.shape[-1] for x in singles]))}
+
+
 def summary(rows: list[dict], regression: bool) -> dict:
     keys = ("cosine", "mse") if regression else ("kl", "agreement")
     out = {f"{m}_{k}": mean_std([r[m][k] for r in rows]) for m in ("standard", "distilled") for k in keys}
@@ -172,7 +194,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--configs", default="adam:1e-5,sgd:0.01", help="optimizer:lr pairs compared on the embedding")
-    ap.add_argument("--classifier", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--tasks", default="embedding,classifier", help="embedding (the sentence encoder), classifier")
     ap.add_argument("--name", default="text_minilm")
     args = ap.parse_args()
     texts = sentences(args.train + args.test, seed=2026)
@@ -181,8 +203,14 @@ def main() -> None:
            "mc_samples": MC, "threads": torch.get_num_threads(), "embedding": {}, "classifier": {}}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        tasks = [("embedding", folder, True, args.configs.split(","))]
-        if args.classifier:
+        if "latency" in args.tasks:
+            doc["latency"] = latencies(folder, texts[args.train:], work)
+            print("latency", doc["latency"], flush=True)
+            save(args.name, doc)
+        tasks = []
+        if "embedding" in args.tasks:
+            tasks.append(("embedding", folder, True, args.configs.split(",")))
+        if "classifier" in args.tasks:
             tasks.append(("classifier", classifier_folder(folder, work / "clf", 0), False, args.configs.split(",")[:1]))
         for task, path, regression, configs in tasks:
             loaded = load_model(path)
@@ -198,11 +226,12 @@ def main() -> None:
                 rows = []
                 for seed in range(args.seeds):
                     config = DistillConfig(epochs=args.epochs, lr=float(lr), lr_drop_epoch=args.epochs, optimizer=optimizer,
-                                           batch_size=32, teacher_samples=2, loss="mse" if regression else "kl",
+                                           batch_size=32, teacher_samples=1, loss="mse" if regression else "kl",
                                            perturb=0.0, seed=seed)
                     rows.append(run_one(loaded.model, pre, x_train, x_test, refs, config, regression, work))
                     print(task, spec, rows[-1], flush=True)
                 doc[task][spec] = {"runs": rows, "summary": summary(rows, regression)}
+                save(args.name, doc)  # after each setting: a stopped run keeps what it finished
     path = save(args.name, doc)
     for task in ("embedding", "classifier"):
         for spec, result in doc[task].items():
