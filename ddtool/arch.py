@@ -191,10 +191,22 @@ def _preview(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + more
 
 
+def _stale_buffers(model: nn.Module, state: dict[str, torch.Tensor], own: dict) -> list[str]:
+    """Keys of ``state`` that name a non-persistent buffer of ``model``: saved by an older
+    version of its code, recomputed by the model itself, and so safe to ignore."""
+    buffers = {name for name, _ in model.named_buffers()}
+    return [k for k in state if k not in own and k in buffers]
+
+
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
     """``model.load_state_dict(state)``, with a mismatch listed as missing/unexpected/mis-shaped keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
+    stale = _stale_buffers(model, state, own)
+    if stale:  # transformers made some buffers non-persistent (embeddings.position_ids): not weights
+        print(f"note: ignored {len(stale)} key(s) of the state dict that are non-persistent buffers of the model, "
+              f"which computes them itself: {_preview(stale)}", file=sys.stderr)
+        state = {k: v for k, v in state.items() if k not in stale}
     unexpected = [k for k in state if k not in own]
     misshaped = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"

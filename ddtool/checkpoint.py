@@ -70,7 +70,6 @@ from .data import Preprocess, spec_example
 from .dropout import program_running_stats, program_sites, program_switches
 from .errors import CheckpointError, UsageError, first_line
 from .files import Outputs, is_regular_file, sha256, to_bytes, write_bytes
-from .limits import require_fits
 from .model import nonfinite_weights
 from .version import __version__
 
@@ -119,7 +118,9 @@ def build_from_ref(ref: dict, trust: bool = False) -> nn.Module:
     if kind == "torch-export":
         return _load_exported(io.BytesIO(_tensor_bytes(ref["archive"])), "the bundle's torch.export archive", trust)[0]
     if kind == "hf":
-        return _hf_from_config(ref["class"], json.loads(ref["config"]))
+        from .hf import from_config
+
+        return from_config(ref)
     if kind == "shrink":
         try:
             return rebuild_shrunk(build_from_ref(ref["base"], trust), ref)
@@ -372,6 +373,9 @@ class ExportedModel(nn.Module):
 
 
 _UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")
+#: aten operators whose names look like Python dunders (the bitwise ones a transformers attention
+#: mask uses); none is an attribute of torch.ops' namespaces, so each resolves to the operator.
+_ATEN_DUNDER_OPS = {"__and__", "__or__", "__xor__", "__lshift__", "__rshift__"}
 #: Members of a .pt2 archive that torch reads as text or JSON, never as a pickle.
 _PT2_TEXT = ("archive_format", "archive_version", "version", "byteorder", "serialization_id")
 #: Functions a sympy expression in a .pt2 may call (sympy's own and torch's symbolic functions).
@@ -417,6 +421,8 @@ def _arithmetic_expression(text: str) -> bool:
 def _safe_target(text: str) -> bool:
     """Whether a serialized node target names a torch operator or plain arithmetic."""
     parts = text.split(".")
+    if text.startswith("torch.ops.aten.") and len(parts) in (4, 5) and parts[3] in _ATEN_DUNDER_OPS:
+        parts = parts[:3] + parts[4:]  # (an operator named like a dunder: nothing Python would resolve as an attribute)
     if any(not p or p.startswith("__") for p in parts):
         return False
     if text.startswith("torch.ops."):
@@ -618,81 +624,26 @@ def program_bytes(model: nn.Module, input_spec: dict | None) -> tuple[bytes | No
 
 
 # --------------------------------------------------------------------------- Hugging Face
-class HFClassifier(nn.Module):
-    """A transformers model as a tensor-in, logits-out module: ``forward(input_ids)``."""
+def _load_hf(folder: Path, output: str | None = None) -> LoadedModel:
+    """A transformers folder (see :mod:`ddtool.hf`): the model with its output chosen, and, when
+    the folder has a tokenizer, the text settings its inputs are read with."""
+    from . import hf
+    from .text import encode, text_settings
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise CheckpointError("this is a Hugging Face transformers folder; install ddtool[hf] to read it") from None
-    transformers.utils.logging.disable_progress_bar()  # its bars would mix with ddtool's output
-    return transformers
-
-
-def _check_hf_config(config: dict, what: str) -> None:
-    """A transformers config may name an attention kernel on the Hub (``org/repo``), which would
-    be downloaded and run: refused, as ``trust_remote_code`` is."""
-    for key in ("attn_implementation", "_attn_implementation"):
-        value = config.get(key) if isinstance(config, dict) else None
-        if isinstance(value, str) and "/" in value:
-            raise CheckpointError(f"{what} asks for the attention kernel {value!r} from the Hub, which would run its "
-                                  "code; ddtool never runs remote code")
-
-
-def _hf_class(transformers, name: str):
-    cls = getattr(transformers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"{name!r} is not a transformers model class")
-    return cls
-
-
-def _hf_from_config(class_name: str, config: dict) -> nn.Module:
-    transformers = _transformers()
-    cls = _hf_class(transformers, class_name)
-    _check_hf_config(config, "the bundle's transformers config")
-
-    def build():
-        return HFClassifier(cls(cls.config_class.from_dict(config)))
-
-    require_fits(build, f"the {class_name} its config describes")
-    return build()
-
-
-def _load_hf(folder: Path) -> LoadedModel:
-    transformers = _transformers()
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        raise CheckpointError(f"{folder}/config.json could not be read: {err}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{folder}/config.json is not a JSON object")
-    _check_hf_config(config, f"{folder}/config.json")
-    names = config.get("architectures") or []
-    if not isinstance(names, list) or not names or not isinstance(names[0], str):
-        raise CheckpointError(f"{folder}/config.json names no architecture ('architectures' is empty)")
-    cls = _hf_class(transformers, names[0])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except Exception as err:  # noqa: BLE001
-        first = first_line(err)
-        raise CheckpointError(f"transformers could not load {folder}: {first}") from None
-    wrapped = HFClassifier(model).eval()
-    dummy = getattr(model, "dummy_inputs", None) or {}
-    example = dummy.get("input_ids") if isinstance(dummy, dict) else None
-    digest = sha256(folder / "config.json")
-    ref = {"kind": "hf", "class": cls.__name__, "config": model.config.to_json_string()}
-    return LoadedModel(wrapped, "hf", folder, digest, arch_ref=ref, example=example)
+    wrapped, ref = hf.load_folder(folder, output)
+    config = json.loads(ref["config"])
+    tokenizer = hf.tokenizer_json(folder)
+    preprocess = example = None
+    if tokenizer is not None:
+        settings = text_settings(tokenizer, ref["names"], hf.default_max_length(folder, config), wrapped.kind,
+                                 config.get("pad_token_id"))
+        preprocess = {**Preprocess().as_dict(), "text": settings}
+        example = encode(settings, ["a short example", "another example sentence, a little longer"])
+    else:
+        dummy = getattr(wrapped.model, "dummy_inputs", None) or {}
+        example = dummy.get("input_ids") if isinstance(dummy, dict) else None
+    return LoadedModel(wrapped, "hf", folder, sha256(folder / "config.json"), arch_ref=ref, preprocess=preprocess,
+                       example=example)
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -719,27 +670,30 @@ def check_finite(model: nn.Module, what: str) -> None:
 
 def load_model(
     path: str | os.PathLike, arch: str | None = None, arch_args: dict | None = None, trust: bool = False,
+    output: str | int | None = None,
 ) -> LoadedModel:
     """Load any supported checkpoint into an ``nn.Module`` in eval mode.
 
     ``arch``/``arch_args`` are needed for a state dict or safetensors file. A bundle whose
     architecture is a factory uses it only if ``arch`` names that same factory (or ``trust``);
     otherwise it uses its code-free program, or says which ``--arch`` to pass. ``trust`` allows
-    unpickling a full module and importing recorded code (code from the file runs!).
+    unpickling a full module and importing recorded code (code from the file runs!). ``output``
+    names the output of a transformers folder to use (see :mod:`ddtool.hf`; others ignore it).
     """
     path = _resolve_checkpoint_path(path)
     fmt = sniff_format(path)
     if fmt == "ddtool-bundle-dir":
         path = _resolve_checkpoint_path(path / BUNDLE_NAME)
         fmt = sniff_format(path)
-    loaded = _load(path, fmt, arch, arch_args, trust)
+    if fmt == "hf":
+        loaded = _load_hf(path, output if isinstance(output, str) else None)
+    else:
+        loaded = _load(path, fmt, arch, arch_args, trust)
     check_finite(loaded.model, f"checkpoint {path}")
     return loaded
 
 
 def _load(path: Path, fmt: str, arch: str | None, arch_args: dict | None, trust: bool) -> LoadedModel:
-    if fmt == "hf":
-        return _load_hf(path)
     what = f"checkpoint {path}"
     if fmt in ("torchscript", "torch-export"):
         data = path.read_bytes()  # read once: what is checked is what is loaded

@@ -100,9 +100,11 @@ Force = Annotated[bool, typer.Option("--force", help="Replace outputs that alrea
 Seed = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for dropout masks, data order and perturbations.")]
 Trust = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickled full module (torch.save(model)); this runs code from the file.")]
 SampleDropPath = Annotated[bool, typer.Option("--sample-drop-path/--no-sample-drop-path", help="Also sample DropPath / stochastic depth in MC mode (default: off, reported only).")]
-Output = Annotated[Optional[str], typer.Option("--output", help="Which model output is the prediction: a name or an index. Default: logits, else the first tensor.")]
+Output = Annotated[Optional[str], typer.Option("--output", help="Which model output is the prediction: a name or an index. Default: logits, else the first tensor; a transformers folder: logits of a classifier head, a sentence-transformers folder's pooled embedding, else last_hidden_state (padding zeroed).")]
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch, as C,H,W (or any comma-separated dims).")]
 FollowOutside = Annotated[bool, typer.Option("--follow-outside", help="Follow symlinks in --data that lead outside it (default: reported and skipped).")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", min=2, max=1_000_000, help="Text models: at most this many tokens per input, special tokens included. Default: the folder's sentence-transformers max_seq_length, else its position embeddings (at most 512).")]
+HFOutput = Annotated[Optional[str], typer.Option("--output", help="Transformers folders: the output to use (last_hidden_state, pooler_output, ...). Default: logits for a classifier head, the pooled sentence embedding of a sentence-transformers folder, else last_hidden_state (padding zeroed).")]
 Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
 
 
@@ -133,10 +135,10 @@ def _ints(text: str | None, name: str, count: int | None) -> tuple[int, ...] | N
     return values
 
 
-def _preprocess(channels, size, mean, std) -> dict:
+def _preprocess(channels, size, mean, std, max_length=None) -> dict:
     """The preprocessing options, parsed: keyword arguments of the API's calls."""
     return {"channels": channels, "size": _ints(size, "--size", 2), "mean": _floats(mean, "--mean"),
-            "std": _floats(std, "--std")}
+            "std": _floats(std, "--std"), **({"max_length": max_length} if max_length is not None else {})}
 
 
 def _emit_json(doc: dict) -> None:
@@ -206,17 +208,23 @@ def inspect(
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    max_length: MaxLength = None,
+    output: HFOutput = None,
     follow_outside: FollowOutside = False,
     as_json: Json = False,
 ) -> None:
     """List every dropout site (name, kind, p, how it was found, calls per forward pass)."""
     found = inspect_checkpoint(checkpoint, arch, parse_arch_args(arch_args), input_shape=_ints(input_shape, "--input-shape", None),
                                data=data, sample_drop_path=sample_drop_path, trust=trust_checkpoint,
-                               follow_outside=follow_outside, **_preprocess(channels, size, mean, std))
+                               follow_outside=follow_outside, output=output,
+                               **_preprocess(channels, size, mean, std, max_length))
     if as_json:
         _emit_json(found.as_dict())
     else:
-        out.print(f"{checkpoint}: {found.format}, {found.arch}, {found.parameters:,} parameters")
+        out.print(f"{checkpoint}: {found.format}, {found.arch}, {found.parameters:,} parameters"
+                  + (f"; output: {found.output}" if found.output else ""))
+        if found.reading:
+            out.print(f"read {found.reading}")
         table = Table()
         for col in ("name", "kind", "p", "found by", "calls", "sampled"):
             table.add_column(col, overflow="fold")
@@ -293,6 +301,7 @@ def distill(
     class_dim: Annotated[int, typer.Option(min=-8, max=8, help="Class axis of the output; KL is taken per position along it.")] = DistillConfig.class_dim,
     perturb: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
     flip: Annotated[str, typer.Option(help="Random image flips: '' (none), h, v or hv.")] = DistillConfig.flip,
+    perturb_tokens: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Text: probability of replacing each real, non-special token with the tokenizer's mask (else unknown) token (0 = off).")] = DistillConfig.perturb_tokens,
     val_fraction: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Share of inputs held out to measure fidelity (KL to MC) each epoch; 0 = none.")] = DistillConfig.val_fraction,
     patience: Annotated[int, typer.Option(min=0, max=100_000, help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
     seed: Seed = DistillConfig.seed,
@@ -306,7 +315,7 @@ def distill(
     export_formats: Annotated[Optional[str], typer.Option("--export", help="Also export and verify: onnx, torchscript, pt2, comma-separated (OUT/model.onnx, ...).")] = None,
     classes: Classes = None,
     trust_checkpoint: Trust = False,
-    channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None, max_length: MaxLength = None,
     follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
@@ -318,7 +327,7 @@ def distill(
     config = DistillConfig(
         epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, optimizer=optimizer, momentum=momentum,
         weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
-        class_dim=class_dim, perturb=perturb, flip=flip, val_fraction=val_fraction, patience=patience, seed=seed,
+        class_dim=class_dim, perturb=perturb, flip=flip, perturb_tokens=perturb_tokens, val_fraction=val_fraction, patience=patience, seed=seed,
         output=parse_select(output), sample_drop_path=sample_drop_path, device=device, compile=compile_model)
     progress = DistillProgress()
     try:
@@ -327,7 +336,7 @@ def distill(
             student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args, "--student-arch-args"),
             shrink=parse_shrink(shrink), classes=classes, export=formats, cache_mb=cache_mb, workers=workers,
             resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
-            **_preprocess(channels, size, mean, std))
+            **_preprocess(channels, size, mean, std, max_length))
     finally:
         progress.close()
     _report_distilled(result, as_json)
@@ -339,6 +348,8 @@ def _report_distilled(result, as_json: bool) -> None:
     if as_json:
         _emit_json(result.as_dict())
         return
+    if result.reading:
+        out.print(f"read {result.reading}")
     for exported in result.exports:
         _print_export(exported)
     last, compression = result.history[-1], result.compression
@@ -369,6 +380,7 @@ def evaluate(
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    max_length: MaxLength = None,
     follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
@@ -378,7 +390,7 @@ def evaluate(
                              mc_samples=mc_samples, repeats=repeats, batch_size=batch_size, timing=timing, seed=seed,
                              select=parse_select(output), sample_drop_path=sample_drop_path, trust=trust_checkpoint,
                              plot_to=plot, force=force, class_dim=class_dim, classes=classes, follow_outside=follow_outside,
-                             **_preprocess(channels, size, mean, std))
+                             **_preprocess(channels, size, mean, std, max_length))
     if as_json:
         _emit_json(report.as_dict())
         return
@@ -387,12 +399,15 @@ def evaluate(
     table = Table(title=f"{data}: {report.inputs} {kind} inputs{where}, MC m={mc_samples}, {repeats} repeat(s)")
     columns = [("method", None, 1, ""), ("error %", "error", 100, ".2f"), ("NLL", "nll", 1, ".3f"),
                ("ECE %", "ece", 100, ".2f"), ("KL to MC", "kl_to_mc", 1, ".4f"), ("agree %", "agreement", 100, ".1f"),
+               ("MSE to MC", "mse_to_mc", 1, ".3g"), ("cosine to MC", "cosine_to_mc", 1, ".5f"),
                ("ms / input (b1)", "latency_ms", 1, ".2f"), ("inputs/s (b256)", "throughput", 1, ",.0f"),
                ("params", "parameters", 1, ",d")]
     if not report.labelled:
         columns = [c for c in columns if c[1] not in ("error", "nll", "ece")]
     if not timing:
         columns = [c for c in columns if c[1] != "latency_ms"]
+    embedding = all(r.kl_to_mc is None for r in report.results)  # embeddings: MSE and cosine, else KL and agreement
+    columns = [c for c in columns if c[1] not in (("kl_to_mc", "agreement") if embedding else ("mse_to_mc", "cosine_to_mc"))]
     for title, *_ in columns:
         table.add_column(title, justify="left" if title == "method" else "right")
     for r in report.results:
@@ -455,7 +470,8 @@ def export(
 
 
 def _print_export(result) -> None:
-    out.print(f"wrote {result.path} ({result.format}); parity at batch {' and '.join(map(str, result.parity_batches))}: "
+    lengths = f", sequence length {' and '.join(map(str, result.parity_lengths))}" if result.parity_lengths else ""
+    out.print(f"wrote {result.path} ({result.format}); parity at batch {' and '.join(map(str, result.parity_batches))}{lengths}: "
               f"max |diff| {result.max_abs_diff:.2e} <= {result.atol:g}")
 
 
@@ -474,6 +490,7 @@ def predict(
     output: Output = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    max_length: MaxLength = None,
     follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
@@ -482,7 +499,7 @@ def predict(
     found = predict_folder(model, data, out_file, top_k=top_k, batch_size=batch_size, arch=arch,
                            arch_args=parse_arch_args(arch_args), classes=classes, select=parse_select(output),
                            trust=trust_checkpoint, follow_outside=follow_outside, force=force,
-                           **_preprocess(channels, size, mean, std))
+                           **_preprocess(channels, size, mean, std, max_length))
     rows = found.rows
     if as_json:
         _emit_json(found.as_dict())
@@ -491,9 +508,11 @@ def predict(
     else:
         table = Table(title=f"{data}: {len(rows)} inputs, {found.runtime}")
         table.add_column("file", overflow="fold")
-        table.add_column("top classes (probability)")
+        table.add_column("top classes (probability)" if not rows or "top" in rows[0] else "output (first values)")
         for r in rows:
-            table.add_row(r["file"], ", ".join(f"{t['class']} ({t['probability']:.3f})" for t in r["top"]))
+            shown = (", ".join(f"{t['class']} ({t['probability']:.3f})" for t in r["top"]) if "top" in r
+                     else f"{r['shape']}: " + ", ".join(f"{v:.4f}" for v in r["output"][:4]) + " ...")
+            table.add_row(r["file"], shown)
         out.print(table)
 
 

@@ -42,7 +42,10 @@ from torch import nn
 
 from .errors import DataError, UsageError
 from .files import display_path, inside
+from .text import TEXT_EXTS, buckets, read_texts, token_noise, trim
 
+#: The key of an input made of a file's named arrays (see :func:`index_folder`).
+NAMED = "*named*"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 ARRAY_EXTS = (".npy", ".npz", ".pt")
 #: Above this share of unreadable files a folder is refused rather than read partially.
@@ -60,6 +63,7 @@ class Preprocess:
     size: tuple[int, int] | None = None  # (H, W) to resize to; None keeps each image's own size
     mean: tuple[float, ...] = (0.0,)  # per channel, or one value for all channels
     std: tuple[float, ...] = (1.0,)
+    text: dict | None = None  # text models: the tokenizer and its settings (ddtool.text.text_settings)
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -80,6 +84,16 @@ class Preprocess:
             require(2 * 5 * self.channels * self.size[0] * self.size[1], f"--size {self.size[0]},{self.size[1]}",
                     "give a smaller --size")
 
+    def with_max_length(self, max_length: int | None) -> "Preprocess":
+        """This preprocessing with the text length limit ``--max-length`` (refused for a model
+        that reads no text)."""
+        if max_length is None:
+            return self
+        if not self.text:
+            raise UsageError("--max-length applies to text models (a transformers folder with a tokenizer, or its bundle)")
+        self.text = {**self.text, "max_length": int(max_length)}
+        return self
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["size"] = list(self.size) if self.size else None
@@ -88,8 +102,12 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
+        text = d.get("text")
+        if text is not None and not (isinstance(text, dict) and isinstance(text.get("tokenizer"), str)
+                                     and isinstance(text.get("names"), list) and isinstance(text.get("max_length"), int)):
+            raise ValueError("malformed text settings")
         return cls(channels=d["channels"], size=tuple(d["size"]) if d.get("size") else None,
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+                   mean=tuple(d["mean"]), std=tuple(d["std"]), text=text)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` per channel on an (N, C, H, W) batch in [0, 1], where the batch is
@@ -99,7 +117,8 @@ class Preprocess:
 
     def prepare(self, raw: torch.Tensor, perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Raw batch -> model input: uint8 images are scaled, perturbed and normalised;
-        arrays are only perturbed (and made float32 if they are floating point)."""
+        arrays are only perturbed (and made float32 if they are floating point). Integer arrays
+        (token ids) are touched only by a perturbation made for them (``perturbation(tokens=)``)."""
         if raw.dtype == torch.uint8:
             x = raw.float().div_(255)
             return self.normalize(perturb(x) if perturb else x)
@@ -175,7 +194,7 @@ def resolve_preprocess(
         mean = base.mean if len(base.mean) in (1, channels) else (0.0,)
     if std is None:
         std = base.std if len(base.std) in (1, channels) else (1.0,)
-    return Preprocess(channels=channels, size=size or base.size, mean=mean, std=std)
+    return Preprocess(channels=channels, size=size or base.size, mean=mean, std=std, text=base.text)
 
 
 # --------------------------------------------------------------------------- listing
@@ -218,18 +237,19 @@ def _entry(path: Path, root: Path, root_real: str, follow_outside: bool) -> tupl
     return st, None
 
 
-def _file_reason(path: Path, st: os.stat_result) -> str | None:
+def _file_reason(path: Path, st: os.stat_result, exts: tuple[str, ...] = IMAGE_EXTS + ARRAY_EXTS) -> str | None:
     """Why a file that is not a folder is not an input, if it is not."""
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file (a FIFO, device or socket)"
-    if path.suffix.lower() not in IMAGE_EXTS + ARRAY_EXTS:
+    if path.suffix.lower() not in exts:
         return "not an input type"
     if not os.access(path, os.R_OK):
         return "not readable (permission denied)"
     return None
 
 
-def walk_inputs(root: Path, follow_outside: bool = False) -> tuple[list[Path], list[Unused]]:
+def walk_inputs(root: Path, follow_outside: bool = False,
+                exts: tuple[str, ...] = IMAGE_EXTS + ARRAY_EXTS) -> tuple[list[Path], list[Unused]]:
     """Every input file under ``root`` (recursively, in a stable order), and every entry that is
     not one, with the reason: hidden, not an input type, unreadable, a broken symlink or a loop,
     a symlink leading outside ``root`` (unless ``follow_outside``), not a regular file, a file
@@ -269,7 +289,7 @@ def walk_inputs(root: Path, follow_outside: bool = False) -> tuple[list[Path], l
                 reason = "folder already searched through another path (a symlink loop?)"
             elif st is not None:
                 twin = seen_files.get(ident)
-                reason = _file_reason(path, st) or (f"the same file as {twin.name} (read once)" if twin else None)
+                reason = _file_reason(path, st, exts) or (f"the same file as {twin.name} (read once)" if twin else None)
             if reason:
                 unused.append(Unused(path, reason))
                 continue
@@ -293,20 +313,36 @@ class InputIndex:
     labels: list[int] | None = None
     classes: list[str] | None = None
     unused: list[Unused] = field(default_factory=list)  # entries of the folder that are not inputs
+    names: tuple[str, ...] = ()  # the model's named inputs: a file of such arrays is one input
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def reading(self) -> str:
+        """How the files were read, in one sentence."""
+        files = len({path for path, _ in self.items})
+        named = sum(key == NAMED for _, key in self.items)
+        if self.kind == "image":
+            return f"{len(self.items)} images from {files} file(s)"
+        if named:
+            return (f"{len(self.items)} inputs from {files} array file(s): {named} file(s) of named arrays, one input "
+                    f"each, passed to the model by name ({', '.join(self.names)})"
+                    + (f"; {len(self.items) - named} other array(s), one input each" if named < len(self.items) else ""))
+        return f"{len(self.items)} inputs from {files} array file(s) (.npy/.pt: one per file; .npz: one per array)"
 
     @property
     def kind(self) -> str:
         return "image" if self.items and self.items[0][0].suffix.lower() in IMAGE_EXTS else "array"
 
 
-def index_folder(root: str | os.PathLike, labelled: bool | None = None, follow_outside: bool = False) -> InputIndex:
+def index_folder(root: str | os.PathLike, labelled: bool | None = None, follow_outside: bool = False,
+                 names: tuple[str, ...] = ()) -> InputIndex:
     """List the inputs of ``root``; detect class subfolders unless ``labelled`` says otherwise.
 
     The folder is labelled when every input lies in a subfolder and at least two subfolders hold
-    inputs; each of those is a class, named by the subfolder.
+    inputs; each of those is a class, named by the subfolder. An .npz (or a .pt dict) whose
+    arrays all bear names of the model's inputs (``names``: input_ids, attention_mask, ...) is
+    one input, its arrays passed to the model by name; any other .npz is one input per array.
     """
     root = Path(root)
     try:
@@ -334,12 +370,14 @@ def index_folder(root: str | os.PathLike, labelled: bool | None = None, follow_o
     items, labels = [], []
     for path in paths:
         keys = _npz_keys(path) if path.suffix.lower() == ".npz" else [None]
+        if path.suffix.lower() == ".pt" and names or (names and keys and keys[0] is not None and set(keys) <= set(names)):
+            keys = [NAMED]  # one input whose arrays go to the model by name
         if not keys:
             unused.append(Unused(path, "an .npz holding no arrays"))
         items += [(path, k) for k in keys]
         if classes:
             labels += [position[path.relative_to(root).parts[0]]] * len(keys)
-    return InputIndex(root, items, labels if classes else None, classes, unused)
+    return InputIndex(root, items, labels if classes else None, classes, unused, tuple(names))
 
 
 def _unused_note(unused: list[Unused]) -> str:
@@ -395,6 +433,34 @@ def read_image(path: Path, pre: Preprocess) -> tuple[torch.Tensor, str | None]:
     return torch.from_numpy(np.ascontiguousarray(arr)), note
 
 
+def read_named(path: Path, names: tuple[str, ...]) -> torch.Tensor:
+    """An .npz or .pt dict of named arrays as one input: the arrays stacked in the order of the
+    model's input ``names`` (so the model gets each by name); an absent attention_mask is all
+    ones, another absent name all zeros. The arrays must have one shape."""
+    if path.suffix.lower() == ".pt":
+        value = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(value, torch.Tensor):
+            return read_array(path, None)  # a plain tensor: one unnamed input
+        if not (isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())):
+            raise ValueError(f"{path.name} holds a {type(value).__name__}, not a tensor or a dict of tensors")
+        arrays = {k: v.numpy() for k, v in value.items()}
+    else:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    unknown = sorted(set(arrays) - set(names))
+    if unknown or names[0] not in arrays:
+        raise ValueError(f"{path.name} holds arrays {', '.join(sorted(arrays))}; the model takes {', '.join(names)} "
+                         f"and needs {names[0]}")
+    shape = arrays[names[0]].shape
+    if any(a.shape != shape for a in arrays.values()):
+        raise ValueError(f"{path.name}: its arrays have different shapes")
+    if any(a.dtype.kind not in "biu" for a in arrays.values()):
+        raise ValueError(f"{path.name}: named arrays must hold integers (token ids, masks)")
+    rows = [torch.from_numpy(np.asarray(arrays[n], dtype=np.int64)) if n in arrays
+            else torch.full(shape, 1 if n == "attention_mask" else 0, dtype=torch.long) for n in names]
+    return torch.stack(rows)
+
+
 def read_array(path: Path, key: str | None) -> torch.Tensor:
     """One array input (.npy, an .npz entry, or a .pt tensor), never unpickling objects."""
     suffix = path.suffix.lower()
@@ -446,6 +512,8 @@ class FolderDataset(torch.utils.data.Dataset):
             if path.suffix.lower() in IMAGE_EXTS:
                 x, note = read_image(path, self.pre)
                 return x, i, ("note", note) if note else None
+            if key == NAMED:
+                return read_named(path, self.index.names), i, None
             return read_array(path, key), i, None
         except DataError as err:
             return None, i, ("fatal", str(err))
@@ -515,6 +583,7 @@ class Inputs:
     skipped: int = 0
     unused: list[Unused] = field(default_factory=list)  # entries not used, with the reason
     notes: list[Unused] = field(default_factory=list)  # inputs used only in part (first frames)
+    reading: str = ""  # how the files were read, for inspect and distill to say
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -631,11 +700,30 @@ def read_folder(root: str | os.PathLike, pre: Preprocess, labelled: bool | None 
     readable at all, is a :class:`DataError`. Entries that are not inputs are reported on stderr
     (``report``) and listed in ``Inputs.unused``.
     """
-    index = index_folder(root, labelled, follow_outside)
+    if pre.text and walk_inputs(Path(root), follow_outside, TEXT_EXTS)[0]:
+        return read_text_folder(root, pre, labelled, limit, follow_outside, report)
+    index = index_folder(root, labelled, follow_outside, names=tuple(pre.text["names"]) if pre.text else ())
     positions = list(range(min(limit, len(index)))) if limit else None
     inputs = load_inputs(index, pre, positions, workers)
+    inputs.reading = index.reading()
     if report:
         report_unused(index.unused, inputs.notes, index.root)
+    return inputs
+
+
+def read_text_folder(root: str | os.PathLike, pre: Preprocess, labelled: bool | None = None, limit: int | None = None,
+                     follow_outside: bool = False, report: bool = True) -> Inputs:
+    """Every text of ``root`` (.txt lines, .jsonl records; see :mod:`ddtool.text`) tokenized with
+    the model's tokenizer (``pre.text``): ``Inputs.x`` is (N, K, L), one path per input
+    (``file:line``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    paths, unused = walk_inputs(root, follow_outside, TEXT_EXTS)
+    x, where, labels, classes, bad, reading = read_texts(root, paths, pre.text, labelled, limit)
+    inputs = Inputs(x, where, labels, classes, len(bad), unused + [Unused(p, why) for p, why in bad], reading=reading)
+    if report:
+        report_unused(unused, [], root)
     return inputs
 
 
@@ -697,6 +785,7 @@ class UnlabelledSet:
     notes: list[Unused] = field(default_factory=list)  # inputs used only in part (first frames)
     bad: list[Unused] = field(default_factory=list)  # unreadable when the set was opened
     moved: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the cache on a device
+    reading: str = ""  # how the files were read, for distill to say
 
     @classmethod
     def from_tensor(cls, x: torch.Tensor, pre: Preprocess) -> "UnlabelledSet":
@@ -742,6 +831,10 @@ class UnlabelledSet:
         """Raw batches in ``order``, on ``device`` if given: slices of the cache there (copied once),
         or streamed batches copied one batch ahead (pinned memory, non-blocking, on CUDA)."""
         if len(order) == 0:  # (``split`` of an empty order would yield one empty batch)
+            return
+        if self.cache is not None and self.pre.text and self.cache.dim() == 3 and self.cache.shape[1] > 1:
+            for idx in buckets(order, self.cache[:, 1].sum(dim=1), batch_size):  # similar lengths together
+                yield trim(self.cache[idx])
             return
         if self.cache is not None:
             cache = self.on(device)
@@ -819,7 +912,14 @@ def open_distill_data(
     records what the student was made for. What was not used is reported on stderr and kept in
     ``UnlabelledSet.unused``.
     """
-    index = index_folder(root, labelled=False, follow_outside=follow_outside)
+    if pre.text and walk_inputs(Path(root), follow_outside, TEXT_EXTS)[0]:
+        texts = read_text_folder(root, pre, labelled=False, follow_outside=follow_outside)
+        train_pos, val_pos = split_positions(len(texts), val_fraction, seed)
+        train = UnlabelledSet.from_tensor(texts.x[train_pos], pre)
+        train.index, train.unused, train.reading = InputIndex(Path(root), []), texts.unused, texts.reading
+        return train, (texts.x[val_pos] if val_pos else None)
+    index = index_folder(root, labelled=False, follow_outside=follow_outside,
+                         names=tuple(pre.text["names"]) if pre.text else ())
     train_pos, val_pos = split_positions(len(index), val_fraction, seed)
     train = open_unlabelled(index, pre, train_pos, cache_mb, workers, pin_memory)
     if index.kind == "image" and pre.size is None:
@@ -831,6 +931,7 @@ def open_distill_data(
         train.unused += held.unused[len(index.unused):]
         train.notes += held.notes
     report_unused(index.unused, train.notes, index.root)  # (unreadable files have their own warning)
+    train.reading = index.reading()
     return train, val
 
 
@@ -841,11 +942,15 @@ def input_spec(pre: Preprocess, sample: torch.Tensor) -> dict:
 
 
 def spec_example(spec: dict, batch: int = 2) -> torch.Tensor:
-    """An input matching an :func:`input_spec`: seeded normal floats, or zeros for integer inputs."""
+    """An input matching an :func:`input_spec`: seeded normal floats, or zeros for integer inputs
+    (of a stacked text input (K, L), the attention mask, row 1, is ones: no row all padding)."""
     dtype = getattr(torch, spec["dtype"])
     if dtype.is_floating_point:
         return example_input(tuple(spec["shape"]), batch).to(dtype)
-    return torch.zeros((batch, *spec["shape"]), dtype=dtype)
+    x = torch.zeros((batch, *spec["shape"]), dtype=dtype)
+    if x.dim() == 3 and x.shape[1] > 1:
+        x[:, 1] = 1
+    return x
 
 
 # --------------------------------------------------------------------------- perturbations
@@ -884,12 +989,19 @@ def flip(x: torch.Tensor, dims: str, generator: torch.Generator | None = None) -
     return x
 
 
-def perturbation(zero: float = 0.0, flips: str = "", generator: torch.Generator | None = None):
-    """The perturbation of S as one callable: flips, then pixels zeroed with probability ``zero``."""
-    if zero <= 0 and not flips:
+def perturbation(zero: float = 0.0, flips: str = "", generator: torch.Generator | None = None,
+                 text: dict | None = None, tokens: float = 0.0):
+    """The perturbation of S as one callable: on floating-point inputs flips, then pixels zeroed
+    with probability ``zero``; integer inputs (token ids) are never zeroed or flipped, only
+    their tokens replaced with probability ``tokens`` (:func:`ddtool.text.token_noise`, with the
+    tokenizer's ``text`` settings)."""
+    words = token_noise(text, tokens, generator)
+    if zero <= 0 and not flips and words is None:
         return None
 
     def perturb(x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            return words(x) if words is not None and x.dim() == 3 else x
         return zero_pixels(flip(x, flips, generator), zero, generator)
 
     return perturb

@@ -71,6 +71,7 @@ class DistillConfig:
     class_dim: int = 1  # the class axis of the output; KL is taken per position along it
     perturb: float = 0.2  # probability of zeroing each input pixel (the paper's S); 0 = none
     flip: str = ""  # random flips of input images: "", "h", "v" or "hv"
+    perturb_tokens: float = 0.0  # text: probability of replacing each real, non-special token with [MASK]/[UNK]
     val_fraction: float = 0.0  # share of inputs held out to measure fidelity after each epoch
     val_mc_samples: int = 32  # masks averaged into the validation reference
     patience: int = 0  # stop after this many epochs without better fidelity; 0 = never
@@ -85,6 +86,7 @@ class DistillConfig:
         checks = {
             "epochs": self.epochs >= 1, "lr": self.lr > 0, "batch_size": self.batch_size >= 1,
             "teacher_samples": self.teacher_samples >= 1, "perturb": 0 <= self.perturb < 1,
+            "perturb_tokens": 0 <= self.perturb_tokens < 1,
             "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
             "loss": self.loss in LOSSES, "optimizer": self.optimizer in OPTIMIZERS, "flip": self.flip in FLIPS,
             "val_fraction": 0 <= self.val_fraction < 1, "val_mc_samples": self.val_mc_samples >= 1,
@@ -326,7 +328,7 @@ def _set_up(model, data, preprocess, config: DistillConfig, val, student, world:
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
     # on CUDA the perturbations are drawn on the GPU: no mask crosses from the host
     generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(_rank_seed(config, world))
-    perturb = perturbation(config.perturb, config.flip, generator)
+    perturb = perturbation(config.perturb, config.flip, generator, preprocess.text, config.perturb_tokens)
     run = _Run(config, world, device, data, preprocess, student, trained, sampler, opt, generator, perturb,
                channels_last, batch, example, val)
     if val is not None:

@@ -10,6 +10,12 @@ samples), the reference a distilled model is trained to approach:
     KL to MC   = mean_i sum_c p_mc,c(x_i) (log p_mc,c(x_i) - log q_c(x_i))
     agreement  = mean_i [argmax q(x_i) == argmax p_mc(x_i)]
 
+A model whose output is not a distribution (an embedding: ``regression``) is compared with the
+MC-average output f_mc instead, row by row (a row is an input's embedding, or one token's):
+
+    MSE to MC     = mean_i mean_d (f_d(x_i) - f_mc,d(x_i))^2
+    cosine to MC  = mean_i <f(x_i), f_mc(x_i)> / (|f(x_i)| |f_mc(x_i)|)   (rows with f_mc != 0)
+
 Cost is measured, not estimated: latency is the median wall time of one input (batch 1; for MC
 dropout, its m masked passes stacked in one batch), throughput is inputs per second over the
 whole folder at batch 256, and parameters are counted. With ``repeats`` > 1 the MC reference is
@@ -49,6 +55,8 @@ class MethodResult:
     ece: float | None = None
     kl_to_mc: float | None = None  # mean KL(p_mc || q) in nats; None for the MC reference itself
     agreement: float | None = None  # share of inputs whose top-1 class equals the MC average's
+    mse_to_mc: float | None = None  # embeddings: mean squared difference to the MC-average output
+    cosine_to_mc: float | None = None  # embeddings: mean cosine similarity to the MC-average output
     latency_ms: float = 0.0  # one input at batch 1, median
     throughput: float = 0.0  # inputs per second at batch 256
     parameters: int = 0
@@ -85,16 +93,17 @@ def as_rows(probs: torch.Tensor, class_dim: int = 1) -> torch.Tensor:
 @torch.no_grad()
 def predict_probs(
     model: nn.Module, x: torch.Tensor, batch_size: int, mc_samples: int = 0, select=None, sample_drop_path: bool = False,
-    plan: MCPlan | None = None, class_dim: int = 1,
+    plan: MCPlan | None = None, class_dim: int = 1, regression: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Class probabilities of ``model`` on prepared inputs, as rows (see :func:`as_rows`), and
     the seconds the pass took.
 
     ``mc_samples=0`` runs the model deterministically (standard dropout); ``m > 0`` averages the
     softmax of ``m`` masked passes (MC dropout), stacked into batches of about ``MC_ROWS`` rows.
-    ``plan`` is the model's :class:`ddtool.dropout.MCPlan`, if it is known already.
+    ``plan`` is the model's :class:`ddtool.dropout.MCPlan`, if it is known already. With
+    ``regression`` the outputs themselves are averaged and returned, not probabilities.
     """
-    probs, to_probs = [], functools.partial(probabilities, dim=class_dim)
+    probs, to_probs = [], (_as_float if regression else functools.partial(probabilities, dim=class_dim))
     sampler = MCSampler(model, x[:2], select=select, sample_drop_path=sample_drop_path, plan=plan) if mc_samples else None
     start = time.perf_counter()
     with deterministic(model):
@@ -104,6 +113,10 @@ def predict_probs(
             else:
                 probs.append(to_probs(select_output(model(chunk), select)))
     return as_rows(torch.cat(probs), class_dim), time.perf_counter() - start
+
+
+def _as_float(out: torch.Tensor) -> torch.Tensor:
+    return out.float()
 
 
 @torch.no_grad()
@@ -148,9 +161,16 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS)
     return ece, table
 
 
-def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor | None) -> dict:
-    """The quality metrics of one method's probabilities (see the module docstring)."""
+def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor | None, regression: bool = False) -> dict:
+    """The quality metrics of one method's probabilities, or of its outputs with ``regression``
+    (see the module docstring)."""
     out: dict = {}
+    if regression:
+        if ref is not None:
+            out["mse_to_mc"] = (probs - ref).pow(2).mean().item()
+            real = ref.norm(dim=1) > 0  # (padded token positions are zero in both)
+            out["cosine_to_mc"] = torch.nn.functional.cosine_similarity(probs[real], ref[real], dim=1).mean().item()
+        return out
     if labels is not None:
         out["error"] = (probs.argmax(1) != labels).float().mean().item()
         out["nll"] = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
@@ -163,7 +183,7 @@ def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor 
 
 def _summarise(method: str, runs: list[dict], params: int, passes: int) -> MethodResult:
     result = MethodResult(method=method, parameters=params, forward_passes=passes)
-    for key in ("error", "nll", "ece", "kl_to_mc", "agreement", "latency_ms", "throughput"):
+    for key in ("error", "nll", "ece", "kl_to_mc", "agreement", "mse_to_mc", "cosine_to_mc", "latency_ms", "throughput"):
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             setattr(result, key, statistics.fmean(values))
@@ -194,11 +214,13 @@ def _positions_and_labels(inputs: Inputs, classes, outputs: dict[str, torch.Tens
     return positions, class_labels(inputs, classes, out.shape[class_dim]) if positions == 1 else None
 
 
-def _standard_runs(models: dict[str, nn.Module], x, batch_size, select, class_dim, timing) -> tuple[dict, dict]:
-    """Each deterministic model's probabilities, and its throughput and latency."""
+def _standard_runs(models: dict[str, nn.Module], x, batch_size, select, class_dim, timing,
+                   regression: bool = False) -> tuple[dict, dict]:
+    """Each deterministic model's probabilities (outputs, with ``regression``), and its throughput and latency."""
     probs, runs = {}, {}
     for name, model in models.items():
-        probs[name], seconds = predict_probs(model, x, batch_size, select=select, class_dim=class_dim)
+        probs[name], seconds = predict_probs(model, x, batch_size, select=select, class_dim=class_dim,
+                                             regression=regression)
         _require_finite(probs[name], name)
         runs[name] = [{"throughput": len(x) / seconds, "latency_ms": latency_ms(model, x, select=select) if timing else None}]
     return probs, runs
@@ -218,6 +240,7 @@ def evaluate(
     timing: bool = True,
     class_dim: int = 1,
     classes: list[str] | None = None,
+    regression: bool = False,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 
@@ -226,26 +249,30 @@ def evaluate(
     tagging) is compared with MC position by position, and its labels, which are per input,
     are not used. ``classes`` are the models' class names in output order: class subfolders
     are matched to them by name (see :func:`ddtool.data.class_labels`). ``timing=False`` skips
-    the batch-1 latency runs (for quick checks).
+    the batch-1 latency runs. ``regression``: embeddings, compared with the MC-average output
+    in MSE and cosine (``class_dim``: the embedding axis; labels unused).
     """
     require(inputs.x.numel() * 4, f"the {len(inputs):,} inputs as floats", "evaluate on fewer inputs or a smaller --size")
     x = preprocess.prepare(inputs.x)
     models = {"standard": teacher, **(distilled or {})}
     outputs = {name: probe(model, x[:2], select) for name, model in models.items()}
     positions, labels = _positions_and_labels(inputs, classes, outputs, class_dim)
+    labels = None if regression else labels
     plan = check_dropout(teacher, x[:2], sample_drop_path, select)
     with fast_layout(list(models.values()), x) as x:
-        standard, runs = _standard_runs(models, x, batch_size, select, class_dim, timing)
+        standard, runs = _standard_runs(models, x, batch_size, select, class_dim, timing, regression)
         runs["mc"] = []
         for r in range(repeats):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + r)
-                mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path, plan, class_dim)
+                mc, seconds = predict_probs(teacher, x, batch_size, mc_samples, select, sample_drop_path, plan, class_dim,
+                                            regression)
                 _require_finite(mc, f"mc-{mc_samples}")
                 mc_latency = latency_ms(teacher, x, mc_samples, select, 10, sample_drop_path, plan) if timing and r == 0 else None
-            runs["mc"].append({**metrics(mc, None, labels), "throughput": len(x) / seconds, "latency_ms": mc_latency})
+            runs["mc"].append({**metrics(mc, None, labels, regression), "throughput": len(x) / seconds,
+                               "latency_ms": mc_latency})
             for name, probs in standard.items():
-                entry = metrics(probs, mc, labels)
+                entry = metrics(probs, mc, labels, regression)
                 if r == 0:
                     runs[name][0].update(entry)
                 else:
@@ -270,6 +297,8 @@ def plot(report: EvalReport, path, force: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     key, label = ("error", "test error (%)") if report.labelled else ("kl_to_mc", "KL to MC average (nats)")
+    if not report.labelled and all(r.kl_to_mc is None for r in report.results):
+        key, label = "mse_to_mc", "MSE to MC-average output"
     scale = 100 if key == "error" else 1
     rows = [r for r in report.results if getattr(r, key) is not None]
     fig, axes = plt.subplots(1, 2 if report.labelled else 1, figsize=(11 if report.labelled else 6, 4.2), squeeze=False)

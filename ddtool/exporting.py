@@ -44,6 +44,8 @@ FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
 #: Batch sizes the parity check runs at: one, and a larger one to exercise the dynamic axis.
 PARITY_BATCHES = (1, 64)
+#: Text models' ONNX parity: these batch sizes, each at these sequence lengths (capped at --max-length).
+TEXT_PARITY_BATCHES, TEXT_PARITY_LENGTHS = (1, 7), (5, 23)
 #: Name of the JSON metadata inside TorchScript and .pt2 archives.
 METADATA_FILE = "ddtool.json"
 
@@ -59,6 +61,7 @@ class ExportResult:
     max_abs_diff: float
     atol: float
     outputs: list[str] = field(default_factory=list)
+    parity_lengths: list[int] = field(default_factory=list)  # text: the sequence lengths checked
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +80,19 @@ class Servable(nn.Module):
         if self.probabilities:
             return logits, F.softmax(logits, dim=self.class_dim)
         return logits
+
+
+class TextServable(nn.Module):
+    """A text model as it is served: its named inputs (input_ids, attention_mask, token_type_ids)
+    in, as a tokenizer gives them, stacked into the one tensor the model takes (ddtool.hf)."""
+
+    def __init__(self, servable: Servable, names):
+        super().__init__()
+        self.servable, self.names = servable, tuple(names)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self.servable(torch.stack([given[n] for n in self.names], dim=1))
 
 
 @contextlib.contextmanager
@@ -176,6 +192,42 @@ def _export_onnx(model: nn.Module, out: Path, outputs: Outputs, example, inputs,
     return diff
 
 
+def _export_onnx_text(model: Servable, out: Path, outputs: Outputs, text: dict, atol: float, opts: dict) -> tuple[float, list]:
+    """ONNX of a text model: named inputs with dynamic batch and sequence axes, checked at two
+    batch sizes and two sequence lengths (padded inputs included) in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+
+    from .text import parity_batches
+
+    names = list(text["names"])
+    served = TextServable(model, names).eval()
+    example = parity_batches(text, [(2, 8)], seed=1)[0]
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=max(text["max_length"], 3))
+    output = [{"logits": "logits", "embedding": "sentence_embedding"}.get(text.get("kind"), "token_embeddings")]
+    try:
+        with quiet_fds():
+            program = torch.onnx.export(
+                served, tuple(example[:, i] for i in range(len(names))), input_names=names, output_names=output,
+                dynamic_shapes=tuple({0: batch, 1: seq} for _ in names), external_data=False,
+                opset_version=opts.get("opset"))
+            proto = program.model_proto
+        for key, value in (opts.get("metadata") or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        data = proto.SerializeToString()
+        onnx.checker.check_model(proto, full_check=True)
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - exporter failures come in many types
+        raise ExportError(f"ONNX export failed: {first_line(err)}") from None
+    shapes = [(b, min(text["max_length"], n)) for b in TEXT_PARITY_BATCHES for n in TEXT_PARITY_LENGTHS]
+    inputs = parity_batches(text, shapes, seed=2)
+    diff = _check_parity(model, lambda x: session.run(None, {n: x[:, i].numpy() for i, n in enumerate(names)}), inputs,
+                         atol, "onnxruntime")
+    outputs.write(out, data)
+    return diff, output
+
+
 def _torchscript(model: nn.Module, example, opts: dict, script: bool) -> tuple[bytes, nn.Module]:
     """The TorchScript archive of ``model`` (traced on ``example``, or scripted), and it reloaded."""
     try:
@@ -244,7 +296,8 @@ def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, 
 def _export_pt2(model: nn.Module, out: Path, outputs: Outputs, example, inputs, atol: float, opts: dict) -> float:
     try:
         with quiet_fds():
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            dynamic = opts.get("dynamic") or {0: torch.export.Dim("batch")}
+            program = torch.export.export(model, (example,), dynamic_shapes=(dynamic,))
             extra = {METADATA_FILE: json.dumps(opts.get("metadata") or {})}
             data = to_bytes(lambda buffer: torch.export.save(program, buffer, extra_files=extra))
             reloaded = torch.export.load(io.BytesIO(data)).module()  # our own archive, just written
@@ -272,12 +325,16 @@ def export(
     script: bool = False,
     metadata: dict | None = None,
     outputs: Outputs | None = None,
+    text: dict | None = None,
 ) -> ExportResult:
     """Export ``model`` (in eval mode) to ``out`` and verify it; ``input_shape`` excludes the batch.
 
     ``metadata`` (JSON-able values under string keys) goes into the file: ONNX metadata_props,
     or an extra file ``ddtool.json`` of TorchScript and .pt2 archives. With ``outputs`` the file
-    is staged there, to be moved into place with the rest of a set of outputs.
+    is staged there, to be moved into place with the rest of a set of outputs. ``text`` (a text
+    model's settings, :func:`ddtool.text.text_settings`): ONNX gets the named inputs
+    input_ids, attention_mask (and token_type_ids), batch and sequence axes dynamic; the other
+    formats take the stacked (N, K, L) tensor.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -290,13 +347,27 @@ def export(
     write = {"onnx": _export_onnx, "torchscript": _export_torchscript, "pt2": _export_pt2}[format]
     data_file = Path(str(out) + ".data") if external_data and format == "onnx" else None
     opts = {"opset": opset, "data_file": data_file, "script": script, "metadata": metadata}
+    names = ["logits", "probabilities"] if probabilities else ["logits"]
+    if text and format == "onnx" and (probabilities or external_data):
+        raise UsageError("a text model's ONNX export takes neither --probabilities nor --external-data")
+    if text:  # token ids within the vocabulary, with padding, rather than 0/1 values
+        from .text import parity_batches
+
+        lengths = [min(text["max_length"], n) for n in TEXT_PARITY_LENGTHS]  # two lengths: a frozen one is caught
+        inputs = parity_batches(text, [(1, lengths[0]), (PARITY_BATCHES[1], lengths[1])], seed=0)
+        example = parity_batches(text, [(2, min(text["max_length"], 8))], seed=1)[0]
+        opts["dynamic"] = {0: torch.export.Dim("batch"), 2: torch.export.Dim("sequence", min=2, max=max(text["max_length"], 3))}
     with contextlib.nullcontext(outputs) if outputs is not None else Outputs(force) as staged:
         staged.path(out)  # checked before the work: an input, or an existing file without --force
         if data_file is not None:
             staged.path(data_file)
+        if text and format == "onnx":
+            diff, names = _export_onnx_text(servable, Path(out), staged, text, atol, opts)
+            return ExportResult(str(out), format, list(input_shape), list(TEXT_PARITY_BATCHES), diff, atol, names,
+                                [min(text["max_length"], n) for n in TEXT_PARITY_LENGTHS])
         diff = write(servable, Path(out), staged, example, inputs, atol, opts)
-    names = ["logits", "probabilities"] if probabilities else ["logits"]
-    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, names)
+    checked = [x.shape[-1] for x in inputs] if text else []
+    return ExportResult(str(out), format, list(input_shape), list(PARITY_BATCHES), diff, atol, names, checked)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -336,9 +407,13 @@ def export_loaded(
         "ddtool.provenance": {"source": loaded.path.name, "source_sha256": loaded.sha256, "format": loaded.format,
                               **(loaded.provenance or {})},
     }
+    ref = loaded.arch_ref or {}
+    if ref.get("kind") == "hf":  # how the output is made from the tokens: the pooling of a sentence model
+        metadata["ddtool.head"] = {k: ref.get(k) for k in ("class", "output", "pooling", "normalize")}
     metadata = {k: v for k, v in metadata.items() if v is not None}
     if metadata.get("ddtool.classes"):
         example = parity_inputs(shape, getattr(torch, spec.get("dtype", "float32")))[0]
         check_classes(metadata["ddtool.classes"], probe(loaded.model, example, options.get("select")).shape[1])
+    text = (loaded.preprocess or {}).get("text")
     return export(loaded.model, out, format, shape, input_dtype=spec.get("dtype", "float32"),
-                  metadata=metadata, **options)
+                  metadata=metadata, text=text, **options)

@@ -24,8 +24,10 @@ history and every export together or not at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -57,10 +59,25 @@ PathLike = str | os.PathLike
 
 
 def _preprocess(loaded: LoadedModel, recorded: dict | None = None, **overrides) -> Preprocess:
-    """The preprocessing: ``overrides`` (channels, size, mean, std), else what the checkpoint
-    (or ``recorded``) records, else the defaults of :func:`ddtool.data.resolve_preprocess`."""
-    return resolve_preprocess(loaded.model, recorded or loaded.preprocess, overrides.get("channels"),
-                              overrides.get("size"), overrides.get("mean"), overrides.get("std"))
+    """The preprocessing: ``overrides`` (channels, size, mean, std; max_length for text), else
+    what the checkpoint (or ``recorded``) records, else the defaults of
+    :func:`ddtool.data.resolve_preprocess`."""
+    pre = resolve_preprocess(loaded.model, recorded or loaded.preprocess, overrides.get("channels"),
+                             overrides.get("size"), overrides.get("mean"), overrides.get("std"))
+    return pre.with_max_length(overrides.get("max_length"))
+
+
+def _text_config(loaded: LoadedModel, config: DistillConfig) -> DistillConfig:
+    """A transformers model returns the output it was loaded with (``--output`` was applied
+    when loading it); an embedding is distilled with MSE (see :mod:`ddtool.hf`)."""
+    kind = getattr(loaded.model, "kind", None)
+    if (loaded.arch_ref or {}).get("kind") != "hf" or kind is None:
+        return config
+    loss = config.loss if kind == "logits" else "mse"
+    if loss != config.loss:
+        print(f"note: the model's output is an embedding ({kind}): distilled with MSE, not {config.loss}",
+              file=sys.stderr)
+    return dataclasses.replace(config, output=None, loss=loss, class_dim=-1 if kind == "tokens" else config.class_dim)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -107,10 +124,13 @@ class Inspection:
     traceable: bool  # False for TorchScript, which is not traced from Python
     no_dropout: str | None = None  # why nothing would be sampled, if so
     unused: list[dict] = field(default_factory=list)  # entries of --data not used, with the reason
+    reading: str = ""  # how the --data files were read
+    output: str = ""  # what the model's output is (transformers: logits, an embedding, ...)
 
     def as_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "format": self.format, "arch": self.arch, "parameters": self.parameters,
-                "ran_model": self.ran_model, "dropout": [s.as_dict() for s in self.sites], "unused": self.unused}
+                "ran_model": self.ran_model, "dropout": [s.as_dict() for s in self.sites], "unused": self.unused,
+                "reading": self.reading, "output": self.output}
 
     def require_dropout(self) -> None:
         """Raise :class:`NoDropoutError` when the model has no active dropout."""
@@ -121,18 +141,20 @@ class Inspection:
 def inspect_checkpoint(checkpoint: PathLike, arch: str | None = None, arch_args: dict | None = None, *,
                        input_shape: tuple[int, ...] | None = None, data: PathLike | None = None,
                        sample_drop_path: bool = False, trust: bool = False, follow_outside: bool = False,
-                       **preprocess) -> Inspection:
+                       output: str | None = None, **preprocess) -> Inspection:
     """Load ``checkpoint`` and find its dropout sites, running the model once on the first two
     inputs of ``data``, a seeded input of ``input_shape`` (without the batch), or the input the
     format provides (bundles, transformers folders, .pt2 programs), in that order of preference.
-    ``follow_outside`` follows symlinks in ``data`` that lead outside it."""
+    ``follow_outside`` follows symlinks in ``data`` that lead outside it; ``output`` chooses the
+    output of a transformers folder (see :mod:`ddtool.hf`)."""
+    reading = ""
     with protected_inputs(_model_file(checkpoint), data, _arch_file(arch)):
-        loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
+        loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust, output=output)
         pre = _preprocess(loaded, **preprocess)
         unused = []
         if data is not None:
             inputs = read_folder(data, pre, labelled=False, limit=2, follow_outside=follow_outside)
-            example, unused = pre.prepare(inputs.x), _unused(inputs.unused)
+            example, unused, reading = pre.prepare(inputs.x), _unused(inputs.unused), inputs.reading
         else:
             example = example_input(tuple(input_shape)) if input_shape else loaded.example
     sites = find_dropout(loaded.model, example, sample_drop_path)
@@ -142,7 +164,19 @@ def inspect_checkpoint(checkpoint: PathLike, arch: str | None = None, arch_args:
     except NoDropoutError as err:
         why = str(err)
     return Inspection(str(checkpoint), loaded.format, loaded.arch, count_parameters(loaded.model), sites,
-                      example is not None, not isinstance(loaded.model, torch.jit.ScriptModule), why, unused)
+                      example is not None, not isinstance(loaded.model, torch.jit.ScriptModule), why, unused, reading,
+                      _output_of(loaded))
+
+
+def _output_of(loaded: LoadedModel) -> str:
+    """What a transformers model's output is, in words ("" for other formats)."""
+    model, ref = loaded.model, loaded.arch_ref or {}
+    kind = getattr(model, "kind", None)
+    if ref.get("kind") != "hf" or kind is None:
+        return ""
+    if ref.get("pooling"):
+        return f"sentence embedding: {'+'.join(ref['pooling'])} pooling{', normalized' if ref.get('normalize') else ''}"
+    return "logits" if kind == "logits" else f"{ref.get('output')} ({kind})"
 
 
 # --------------------------------------------------------------------------- distill
@@ -161,12 +195,13 @@ class FolderResult:
     exports: list[ExportResult] = field(default_factory=list)
     unused: list[dict] = field(default_factory=list)  # entries of the data folder not used, with the reason
     notes: list[dict] = field(default_factory=list)  # inputs used only in part (an animation's first frame)
+    reading: str = ""  # how the data files were read
 
     def as_dict(self) -> dict:
         return {"bundle": self.bundle, "inputs": self.inputs, "held_out": self.held_out, "skipped": self.skipped,
                 "best_epoch": self.best_epoch, "shared_prefix": self.shared_prefix, **self.compression,
                 "history": self.history, "exports": [e.as_dict() for e in self.exports], "unused": self.unused,
-                "notes": self.notes}
+                "notes": self.notes, "reading": self.reading}
 
 
 def _outputs(out: Path, formats, resume: bool, force: bool) -> dict[str, Any]:
@@ -260,7 +295,8 @@ def distill_to_folder(
         if student_arch and shrink:
             raise UsageError("--student-arch and --shrink are two ways to a smaller student: choose one")
         with folder_lock(out) if world.main else contextlib.nullcontext():  # a second run on ``out`` refuses here
-            loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
+            loaded = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust, output=config.output)
+            config = _text_config(loaded, config)
             pre = _preprocess(loaded, **preprocess)
             train, val = open_distill_data(data, pre, config.val_fraction, config.seed, cache_mb, workers,
                                            pin_memory=resolve_device(config.device).type == "cuda",
@@ -282,7 +318,7 @@ def distill_to_folder(
                                      config.output, force)
     return FolderResult(str(paths["bundle"]), len(train), held_out, train.skipped, result.best_epoch,
                         result.shared_prefix, result.history, compression, exports, _unused(train.unused),
-                        _unused(train.notes))
+                        _unused(train.notes), train.reading)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -316,7 +352,10 @@ def evaluate_folder(
     with protected_inputs(_model_file(checkpoint), data, *map(_model_file, distilled), _arch_file(arch), names_file):
         if plot_to is not None:
             check_output(plot_to, force)
-        teacher = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust)
+        teacher = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust, output=select)
+        kind = getattr(teacher.model, "kind", None) if (teacher.arch_ref or {}).get("kind") == "hf" else None
+        if kind is not None:  # a transformers model returns the output it was loaded with
+            select, class_dim = None, (-1 if kind == "tokens" else class_dim)
         students: dict[str, LoadedModel] = {}
         for path in map(Path, distilled):
             name = path.parent.name if path.name == BUNDLE_NAME else path.name
@@ -331,7 +370,7 @@ def evaluate_folder(
         report = evaluate(teacher.model, read_folder(data, pre, follow_outside=follow_outside), pre,
                           {k: v.model for k, v in students.items()}, mc_samples=mc_samples, batch_size=batch_size,
                           seed=seed, select=select, sample_drop_path=sample_drop_path, repeats=repeats, timing=timing,
-                          class_dim=class_dim, classes=names)
+                          class_dim=class_dim, classes=names, regression=kind not in (None, "logits"))
         if plot_to is not None:
             plot(report, plot_to, force=force)
     return report

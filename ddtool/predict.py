@@ -26,6 +26,7 @@ from .errors import CheckpointError, DataError, ModelError, UsageError, first_li
 from .exporting import read_metadata
 from .files import display_path, is_regular_file, write_text
 from .outputs import check_classes, select_output
+from .text import trim
 
 
 @dataclass
@@ -37,6 +38,11 @@ class Predictor:
     classes: list[str] | None
     runtime: str  # "onnxruntime" or "pytorch"
     input_spec: dict | None = None
+
+    @property
+    def kind(self) -> str:
+        """``logits`` (a classifier: top-k classes), else ``embedding`` or ``tokens`` (the output itself)."""
+        return ((self.preprocess.text or {}).get("kind")) or "logits"
 
 
 def _is_onnx(path: Path) -> bool:
@@ -53,6 +59,7 @@ def load_predictor(
 ) -> Predictor:
     """Open ``path`` for prediction; options given here override what the file records."""
     path = Path(path)
+    max_length = preprocess_overrides.pop("max_length", None)
     if path.is_file() and _is_onnx(path):
         import onnxruntime as ort
 
@@ -61,30 +68,41 @@ def load_predictor(
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"onnxruntime could not open {path}: {first_line(err)}") from None
         meta = read_metadata(path)
-        name = session.get_inputs()[0].name
+        names = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
         wanted = "probabilities" if "probabilities" in outputs else outputs[0]
+        text = (meta.get("ddtool.preprocess") or {}).get("text")
+        scores = text is None or text.get("kind", "logits") == "logits"
+
+        def feed(x: torch.Tensor) -> dict:
+            if text is None:
+                return {names[0]: x.numpy()}
+            return {n: x[:, text["names"].index(n)].numpy() for n in names}  # the named inputs, by name
 
         def probs(x: torch.Tensor) -> torch.Tensor:
-            out = torch.from_numpy(np.asarray(session.run([wanted], {name: x.numpy()})[0]))
-            return out if wanted == "probabilities" else F.softmax(out.float(), dim=1)
+            out = torch.from_numpy(np.asarray(session.run([wanted], feed(x))[0]))
+            return out if wanted == "probabilities" or not scores else F.softmax(out.float(), dim=1)
 
         channels = (meta.get("ddtool.input") or {}).get("shape", [None])[0]
         pre = resolve_preprocess(torch.nn.Identity(), meta.get("ddtool.preprocess"),
-                                 **_with_channels(preprocess_overrides, channels))
+                                 **_with_channels(preprocess_overrides, channels)).with_max_length(max_length)
         return Predictor(probs, pre, classes or meta.get("ddtool.classes"), "onnxruntime", meta.get("ddtool.input"))
 
-    loaded = load_model(path, arch=arch, arch_args=arch_args, trust=trust)
+    loaded = load_model(path, arch=arch, arch_args=arch_args, trust=trust, output=select)
+    if (loaded.arch_ref or {}).get("kind") == "hf":
+        select = None  # a transformers model returns the output it was loaded with
     meta = read_metadata(path) if loaded.format in ("torchscript", "torch-export") else {}
     recorded = loaded.preprocess or meta.get("ddtool.preprocess")
     model = loaded.model.eval()
 
+    pre = resolve_preprocess(model, recorded, **preprocess_overrides).with_max_length(max_length)
+    scores = (pre.text or {}).get("kind", "logits") == "logits"
+
     @torch.no_grad()
     def probs(x: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        return F.softmax(select_output(out, select).float(), dim=1)
+        out = select_output(model(x), select).float()
+        return F.softmax(out, dim=1) if scores else out
 
-    pre = resolve_preprocess(model, recorded, **preprocess_overrides)
     names = classes or loaded.classes or meta.get("ddtool.classes")
     return Predictor(probs, pre, names, "pytorch", loaded.input_spec or meta.get("ddtool.input"))
 
@@ -101,16 +119,19 @@ def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: in
         raise UsageError("--top-k and --batch-size must be at least 1")
     rows = []
     for start in range(0, len(inputs), batch_size):
-        raw = inputs.x[start:start + batch_size]
+        raw = trim(inputs.x[start:start + batch_size])  # (text: cut to the batch's longest input)
         try:
             probs = predictor.probs(predictor.preprocess.prepare(raw))
         except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
             raise ModelError(f"the model failed on inputs of shape {tuple(raw.shape)}: "
                              f"{first_line(err)}") from None
-        bad = (~torch.isfinite(probs)).any(dim=1).nonzero().flatten().tolist()
+        bad = (~torch.isfinite(probs)).flatten(1).any(dim=1).nonzero().flatten().tolist()
         if bad:
             raise ModelError(f"the model gives NaN or infinite outputs for {len(bad)} input(s), e.g. "
                              f"{display_path(inputs.paths[start + bad[0]])}; no predictions written")
+        if predictor.kind != "logits":
+            rows += _output_rows(probs, raw, inputs.paths[start:start + len(raw)])
+            continue
         if start == 0:
             check_classes(predictor.classes, probs.shape[1])
         k = min(top_k, probs.shape[1])
@@ -118,6 +139,19 @@ def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: in
         for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
             top = [{"index": j, "class": _name(predictor.classes, j), "probability": round(v, 6)} for v, j in zip(vals, idxs)]
             rows.append({"file": display_path(inputs.paths[start + i]), "top": top})
+    return rows
+
+
+def _output_rows(out: torch.Tensor, raw: torch.Tensor, paths) -> list[dict]:
+    """The output itself per input (an embedding; per token, the real tokens only), for models
+    that are not classifiers."""
+    rows = []
+    for i, path in enumerate(paths):
+        value = out[i]
+        if value.dim() == 2 and raw.dim() == 3 and raw.shape[1] > 1:
+            value = value[: int(raw[i, 1].sum())]
+        rows.append({"file": display_path(path), "output": [round(v, 6) for v in value.flatten().tolist()],
+                     "shape": list(value.shape)})
     return rows
 
 
@@ -131,9 +165,14 @@ def write_predictions(rows: list[dict], out: str | os.PathLike, force: bool = Fa
     if out.suffix.lower() == ".json":
         text = json.dumps(rows, indent=2, allow_nan=False) + "\n"
     elif out.suffix.lower() == ".csv":
-        k = max((len(r["top"]) for r in rows), default=0)
+        k = max((len(r.get("top", ())) for r in rows), default=0)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
+        if rows and "output" in rows[0]:  # an embedding per input: the file, then its values
+            for r in rows:
+                writer.writerow([r["file"]] + r["output"])
+            write_text(out, buffer.getvalue(), force)
+            return out
         writer.writerow(["file"] + [f"{what}_{rank}" for rank in range(1, k + 1) for what in ("class", "probability")])
         for r in rows:
             writer.writerow([r["file"]] + [v for t in r["top"] for v in (t["class"], t["probability"])])
