@@ -241,6 +241,10 @@ class DistillProgress:
         self.fidelity = "—"
 
     def __call__(self, event: dict) -> None:
+        if event["event"] == "lr_find":
+            tried = ", ".join(f"{t['lr']:g}: {t['fidelity']:.4f}" for t in event["tried"])
+            print(f"lr-find: base rate {event['lr']:g} (probe fidelity per rate: {tried})", file=sys.stderr, flush=True)
+            return
         if event["event"] == "epoch":
             if "fidelity" in event:
                 self.fidelity = f"{event['fidelity']:.4f}"
@@ -281,7 +285,9 @@ def distill(
     shrink: Annotated[Optional[list[str]], typer.Option("--shrink", help="LAYER=FRACTION: keep the strongest units of a Linear/Conv layer and slice the next; repeatable.")] = None,
     epochs: Annotated[int, typer.Option(min=1, max=100_000, help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
     lr: Annotated[float, typer.Option(callback=_floats_in(0, 10, lo_open=True), help="Base learning rate, in (0, 10].")] = DistillConfig.lr,
-    lr_drop_epoch: Annotated[int, typer.Option(min=0, max=100_000, help="Epochs at the base rate: epochs 1..N use lr, the later ones lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
+    lr_drop_epoch: Annotated[Optional[int], typer.Option(min=0, max=100_000, help="--schedule step: epochs 1..N use lr, the later ones lr/10. Default: two thirds of --epochs (the paper's 20 of 30).", show_default=False)] = DistillConfig.lr_drop_epoch,
+    schedule: Annotated[str, typer.Option(help="step (lr/10 after --lr-drop-epoch) or cosine (per epoch, from lr towards 0).")] = DistillConfig.schedule,
+    lr_find: Annotated[bool, typer.Option("--lr-find", help="Choose the base rate without labels: a short range test on the fidelity (KL to MC) of inputs it holds out; replaces --lr.")] = DistillConfig.lr_find,
     optimizer: Annotated[str, typer.Option(help="sgd (with momentum, the paper's) or adam.")] = DistillConfig.optimizer,
     momentum: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="SGD momentum, in [0, 1).")] = DistillConfig.momentum,
     weight_decay: Annotated[float, typer.Option(callback=_floats_in(0, 10), help="L2 weight decay, in [0, 10].")] = DistillConfig.weight_decay,
@@ -312,10 +318,9 @@ def distill(
     """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
     OUT/resume.pt and exits with 130 (143); --resume continues. Data-parallel on N processes or GPUs:
     torchrun --nproc-per-node N -m ddtool distill ... (--batch-size is then the global batch)."""
-    formats = _parse_formats(export_formats) if export_formats else []
     config = DistillConfig(
-        epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, optimizer=optimizer, momentum=momentum,
-        weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
+        epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, schedule=schedule, lr_find=lr_find, optimizer=optimizer,
+        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
         class_dim=class_dim, perturb=perturb, flip=flip, val_fraction=val_fraction, patience=patience, seed=seed,
         output=parse_select(output), sample_drop_path=sample_drop_path, device=device, compile=compile_model)
     progress = DistillProgress()
@@ -323,8 +328,8 @@ def distill(
         result = distill_to_folder(
             checkpoint, data, out_dir, config, arch=arch, arch_args=parse_arch_args(arch_args),
             student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args, "--student-arch-args"),
-            shrink=parse_shrink(shrink), classes=classes, export=formats, cache_mb=cache_mb, workers=workers,
-            resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
+            shrink=parse_shrink(shrink), classes=classes, export=_parse_formats(export_formats) if export_formats else [],
+            cache_mb=cache_mb, workers=workers, resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
             **_preprocess(channels, size, mean, std))
     finally:
         progress.close()
@@ -367,16 +372,17 @@ def evaluate(
     sample_drop_path: SampleDropPath = False,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
+    ood: Annotated[Optional[Path], typer.Option("--ood", help="A folder of inputs from another distribution: adds each method's OOD-detection AUROC (predictive entropy).", exists=True, file_okay=False, show_default=False)] = None,
     follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Compare standard dropout, MC dropout and distilled models on a folder: quality and cost."""
+    """Compare standard dropout, MC dropout and distilled models on a folder: quality, uncertainty and cost."""
     report = evaluate_folder(checkpoint, data, distilled or [], arch=arch, arch_args=parse_arch_args(arch_args),
                              mc_samples=mc_samples, repeats=repeats, batch_size=batch_size, timing=timing, seed=seed,
                              select=parse_select(output), sample_drop_path=sample_drop_path, trust=trust_checkpoint,
                              plot_to=plot, force=force, class_dim=class_dim, classes=classes, follow_outside=follow_outside,
-                             **_preprocess(channels, size, mean, std))
+                             ood=ood, **_preprocess(channels, size, mean, std))
     if as_json:
         _emit_json(report.as_dict())
         return
@@ -385,10 +391,13 @@ def evaluate(
     table = Table(title=f"{data}: {report.inputs} {kind} inputs{where}, MC m={mc_samples}, {repeats} repeat(s)")
     columns = [("method", None, 1, ""), ("error %", "error", 100, ".2f"), ("NLL", "nll", 1, ".3f"),
                ("ECE %", "ece", 100, ".2f"), ("KL to MC", "kl_to_mc", 1, ".4f"), ("agree %", "agreement", 100, ".1f"),
+               ("AUROC err", "auroc_error", 1, ".3f"), ("AUROC OOD", "auroc_ood", 1, ".3f"),
                ("ms / input (b1)", "latency_ms", 1, ".2f"), ("inputs/s (b256)", "throughput", 1, ",.0f"),
                ("params", "parameters", 1, ",d")]
     if not report.labelled:
-        columns = [c for c in columns if c[1] not in ("error", "nll", "ece")]
+        columns = [c for c in columns if c[1] not in ("error", "nll", "ece", "auroc_error")]
+    if not report.ood_inputs:
+        columns = [c for c in columns if c[1] != "auroc_ood"]
     if not timing:
         columns = [c for c in columns if c[1] != "latency_ms"]
     for title, *_ in columns:
