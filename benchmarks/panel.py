@@ -98,6 +98,32 @@ def run_one(name: str, variant: dict, seed: int, s_x: torch.Tensor, test_x, ood_
             "distill_seconds": seconds}
 
 
+def report(tag: str) -> str:
+    """Markdown tables of panel_<tag>.json: per teacher, variant and S, mean ± std over seeds."""
+    from common import fmt
+
+    rows = json.loads((RESULTS / f"panel_{tag}.json").read_text())["rows"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["teacher"], r["variant"], r["s_size"]), []).append(r)
+    lines = ["| teacher | variant | S | seeds | standard % | MC-100 % | distilled % | gap recovered | KL to MC (distilled; standard) | lr | distill s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, variant, s_size), rs in groups.items():
+        rec = [100 * r["recovered"] for r in rs if r["recovered"] is not None]
+        lines.append(f"| {name} | {variant} | {s_size} | {len(rs)} | {rs[0]['standard']['error']:.2f} | {rs[0]['mc100']['error']:.2f} | "
+                     f"{fmt([r['distilled']['error'] for r in rs])} | {fmt(rec, '.0f') + '%' if rec else '—'} | "
+                     f"{fmt([r['distilled']['kl_to_mc'] for r in rs], '.4f')}; {rs[0]['standard_kl_to_mc']:.4f} | "
+                     f"{'/'.join(sorted({format(r['lr'], 'g') for r in rs}))} | {fmt([r['distill_seconds'] for r in rs], '.0f')} |")
+    lines += ["", "| teacher | variant | S | misclassification AUROC: standard / MC / distilled | OOD AUROC (rotated 90°): standard / MC / distilled |",
+              "|---|---|---|---|---|"]
+    for (name, variant, s_size), rs in groups.items():
+        cells = []
+        for key in ("auroc_error", "auroc_ood"):
+            cells.append(f"{rs[0]['standard'][key]:.3f} / {rs[0]['mc100'][key]:.3f} / {fmt([r['distilled'][key] for r in rs], '.3f')}")
+        lines.append(f"| {name} | {variant} | {s_size} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", nargs="+", default=panel_teachers.TEST)
@@ -106,7 +132,11 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="name:key=value,... (repeatable; default: defaults)")
     ap.add_argument("--tag", default="test", help="results go to benchmarks/results/panel_<tag>.json")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (see teachers.py)")
+    ap.add_argument("--report", action="store_true", help="print the tables of panel_<tag>.json and stop")
     args = ap.parse_args()
+    if args.report:
+        print(report(args.tag))
+        return
     torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in args.variant] or [("defaults", {})]
     train_images, _ = fashion_mnist.load("train")
@@ -118,9 +148,9 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     doc.update({"machine": machine() + " (shared with other jobs)", "command": "benchmarks/panel.py " + " ".join(sys.argv[1:])})
     done = {(r["teacher"], r["variant"], r["seed"], r["s_size"]) for r in doc["rows"]}
-    for vname, variant in variants:
-        for name in args.teachers:
-            for seed in args.seeds:
+    for name in args.teachers:  # a teacher's variants side by side first: an interrupted screen still compares
+        for seed in args.seeds:
+            for vname, variant in variants:
                 if (name, vname, seed, args.s_size) in done:
                     continue
                 row = {"variant": vname, "overrides": variant, **run_one(name, variant, seed, s_x, test_x, ood_x, labels)}
