@@ -100,7 +100,10 @@ def run_one(name: str, variant: dict, seed: int, s_x: torch.Tensor, test_x, ood_
 
 def report(tag: str) -> str:
     """Markdown tables of panel_<tag>.json: per teacher, variant and S, mean ± std over seeds."""
-    from common import fmt
+    from common import fmt as fmt_seeds
+
+    def fmt(values, spec=".2f"):  # one seed: the value alone
+        return fmt_seeds(values, spec) if len(values) > 1 else format(values[0], spec)
 
     rows = json.loads((RESULTS / f"panel_{tag}.json").read_text())["rows"]
     groups: dict = {}

@@ -146,7 +146,7 @@ def test_fidelity_is_measured_on_held_out_inputs_and_early_stopping_keeps_the_be
     torch.manual_seed(0)
     model = _confident(tiny_arch.tiny())
     events = []
-    cfg = DistillConfig(epochs=20, lr=0.5, lr_drop_epoch=20, val_fraction=0.25, patience=2, batch_size=16)
+    cfg = DistillConfig(epochs=20, lr=0.5, lr_drop_epoch=20, val_fraction=0.25, patience=2, batch_size=16, perturb=0.2)
     result = distill(model, _inputs(64), PRE, cfg, progress=events.append)
     fid = [r["fidelity"] for r in result.history]
     assert result.best_epoch == 1 + fid.index(min(fid))
