@@ -151,8 +151,8 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     doc.update({"machine": machine() + " (shared with other jobs)", "command": "benchmarks/panel.py " + " ".join(sys.argv[1:])})
     done = {(r["teacher"], r["variant"], r["seed"], r["s_size"]) for r in doc["rows"]}
-    for name in args.teachers:  # a teacher's variants side by side first: an interrupted screen still compares
-        for seed in args.seeds:
+    for seed in args.seeds:  # every teacher once before any twice; a teacher's variants side by side
+        for name in args.teachers:
             for vname, variant in variants:
                 if (name, vname, seed, args.s_size) in done:
                     continue
