@@ -242,7 +242,7 @@ class DistillProgress:
 
     def __call__(self, event: dict) -> None:
         if event["event"] == "lr_find":
-            tried = ", ".join(f"{t['lr']:g}: {t['fidelity']:.4f}" for t in event["tried"])
+            tried = ", ".join(f"{t['lr']:g}: {t['fidelity']:.4g}" for t in event["tried"])
             print(f"lr-find: base rate {event['lr']:g} (probe fidelity per rate: {tried})", file=sys.stderr, flush=True)
             return
         if event["event"] == "epoch":
