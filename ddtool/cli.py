@@ -249,6 +249,10 @@ class DistillProgress:
         self.fidelity = self.loss = "—"  # the loss is read from the device at check points only
 
     def __call__(self, event: dict) -> None:
+        if event["event"] == "lr_find":
+            tried = ", ".join(f"{t['lr']:g}: {t['fidelity']:.4g}" for t in event["tried"])
+            print(f"lr-find: base rate {event['lr']:g} (probe fidelity per rate: {tried})", file=sys.stderr, flush=True)
+            return
         if event["event"] == "epoch":
             if "fidelity" in event:
                 self.fidelity = f"{event['fidelity']:.4f}"
@@ -289,9 +293,11 @@ def distill(
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="A smaller student network (file.py:factory); tensors matching the teacher's are copied in.")] = None,
     student_arch_args: Annotated[Optional[str], typer.Option("--student-arch-args", help="Keyword arguments for --student-arch, as a JSON object.")] = None,
     shrink: Annotated[Optional[list[str]], typer.Option("--shrink", help="LAYER=FRACTION: keep the strongest units of a Linear/Conv layer and slice the next; repeatable.")] = None,
-    epochs: Annotated[int, typer.Option(min=1, max=100_000, help="Epochs over the unlabelled set (paper: 20 + 10).")] = DistillConfig.epochs,
+    epochs: Annotated[int, typer.Option(min=1, max=100_000, help="Epochs over the unlabelled set (paper: 20 + 10; the rate drops after two thirds of them).")] = DistillConfig.epochs,
     lr: Annotated[float, typer.Option(callback=_floats_in(0, 10, lo_open=True), help="Base learning rate, in (0, 10].")] = DistillConfig.lr,
-    lr_drop_epoch: Annotated[int, typer.Option(min=0, max=100_000, help="Epochs at the base rate: epochs 1..N use lr, the later ones lr/10 (paper: 20).")] = DistillConfig.lr_drop_epoch,
+    lr_drop_epoch: Annotated[Optional[int], typer.Option(min=0, max=100_000, help="--schedule step: epochs 1..N use lr, the later ones lr/10. Default: two thirds of --epochs (the paper's 20 of 30).", show_default=False)] = DistillConfig.lr_drop_epoch,
+    schedule: Annotated[str, typer.Option(help="step (lr/10 after --lr-drop-epoch) or cosine (per epoch, from lr towards 0).")] = DistillConfig.schedule,
+    lr_find: Annotated[bool, typer.Option("--lr-find", help="Choose the base rate without labels: a short range test on the fidelity (KL to MC) of inputs it holds out; replaces --lr.")] = DistillConfig.lr_find,
     optimizer: Annotated[str, typer.Option(help="sgd (with momentum, the paper's) or adam.")] = DistillConfig.optimizer,
     momentum: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="SGD momentum, in [0, 1).")] = DistillConfig.momentum,
     weight_decay: Annotated[float, typer.Option(callback=_floats_in(0, 10), help="L2 weight decay, in [0, 10].")] = DistillConfig.weight_decay,
@@ -299,7 +305,7 @@ def distill(
     teacher_samples: Annotated[int, typer.Option(min=1, max=10_000, help="K: masked teacher outputs averaged into each target.")] = DistillConfig.teacher_samples,
     loss: Annotated[str, typer.Option(help="kl (classifiers) or mse (regression outputs).")] = DistillConfig.loss,
     class_dim: Annotated[int, typer.Option(min=-8, max=8, help="Class axis of the output; KL is taken per position along it.")] = DistillConfig.class_dim,
-    perturb: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Probability of zeroing each input pixel (paper: 0.2; 0 = off).")] = DistillConfig.perturb,
+    perturb: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Probability of zeroing each input pixel (paper: 0.2; default off: it lowered fidelity on every teacher measured).")] = DistillConfig.perturb,
     flip: Annotated[str, typer.Option(help="Random image flips: '' (none), h, v or hv.")] = DistillConfig.flip,
     perturb_tokens: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Text: probability of replacing each real, non-special token with the tokenizer's mask (else unknown) token (0 = off).")] = DistillConfig.perturb_tokens,
     val_fraction: Annotated[float, typer.Option(callback=_floats_in(0, 1, hi_open=True), help="Share of inputs held out to measure fidelity (KL to MC) each epoch; 0 = none.")] = DistillConfig.val_fraction,
@@ -323,19 +329,19 @@ def distill(
     """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
     OUT/resume.pt and exits with 130 (143); --resume continues. Data-parallel on N processes or GPUs:
     torchrun --nproc-per-node N -m ddtool distill ... (--batch-size is then the global batch)."""
-    formats = _parse_formats(export_formats) if export_formats else []
     config = DistillConfig(
-        epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, optimizer=optimizer, momentum=momentum,
-        weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
-        class_dim=class_dim, perturb=perturb, flip=flip, perturb_tokens=perturb_tokens, val_fraction=val_fraction, patience=patience, seed=seed,
+        epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, schedule=schedule, lr_find=lr_find, optimizer=optimizer,
+        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
+        class_dim=class_dim, perturb=perturb, flip=flip, perturb_tokens=perturb_tokens, val_fraction=val_fraction,
+        patience=patience, seed=seed,
         output=parse_select(output), sample_drop_path=sample_drop_path, device=device, compile=compile_model)
     progress = DistillProgress()
     try:
         result = distill_to_folder(
             checkpoint, data, out_dir, config, arch=arch, arch_args=parse_arch_args(arch_args),
             student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args, "--student-arch-args"),
-            shrink=parse_shrink(shrink), classes=classes, export=formats, cache_mb=cache_mb, workers=workers,
-            resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
+            shrink=parse_shrink(shrink), classes=classes, export=_parse_formats(export_formats) if export_formats else [],
+            cache_mb=cache_mb, workers=workers, resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
             **_preprocess(channels, size, mean, std, max_length))
     finally:
         progress.close()
@@ -381,16 +387,17 @@ def evaluate(
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
     max_length: MaxLength = None,
+    ood: Annotated[Optional[Path], typer.Option("--ood", help="A folder of inputs from another distribution: adds each method's OOD-detection AUROC (predictive entropy).", exists=True, file_okay=False, show_default=False)] = None,
     follow_outside: FollowOutside = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """Compare standard dropout, MC dropout and distilled models on a folder: quality and cost."""
+    """Compare standard dropout, MC dropout and distilled models on a folder: quality, uncertainty and cost."""
     report = evaluate_folder(checkpoint, data, distilled or [], arch=arch, arch_args=parse_arch_args(arch_args),
                              mc_samples=mc_samples, repeats=repeats, batch_size=batch_size, timing=timing, seed=seed,
                              select=parse_select(output), sample_drop_path=sample_drop_path, trust=trust_checkpoint,
                              plot_to=plot, force=force, class_dim=class_dim, classes=classes, follow_outside=follow_outside,
-                             **_preprocess(channels, size, mean, std, max_length))
+                             ood=ood, **_preprocess(channels, size, mean, std, max_length))
     if as_json:
         _emit_json(report.as_dict())
         return
@@ -400,10 +407,13 @@ def evaluate(
     columns = [("method", None, 1, ""), ("error %", "error", 100, ".2f"), ("NLL", "nll", 1, ".3f"),
                ("ECE %", "ece", 100, ".2f"), ("KL to MC", "kl_to_mc", 1, ".4f"), ("agree %", "agreement", 100, ".1f"),
                ("MSE to MC", "mse_to_mc", 1, ".3g"), ("cosine to MC", "cosine_to_mc", 1, ".5f"),
+               ("AUROC err", "auroc_error", 1, ".3f"), ("AUROC OOD", "auroc_ood", 1, ".3f"),
                ("ms / input (b1)", "latency_ms", 1, ".2f"), ("inputs/s (b256)", "throughput", 1, ",.0f"),
                ("params", "parameters", 1, ",d")]
     if not report.labelled:
-        columns = [c for c in columns if c[1] not in ("error", "nll", "ece")]
+        columns = [c for c in columns if c[1] not in ("error", "nll", "ece", "auroc_error")]
+    if not report.ood_inputs:
+        columns = [c for c in columns if c[1] != "auroc_ood"]
     if not timing:
         columns = [c for c in columns if c[1] != "latency_ms"]
     embedding = all(r.kl_to_mc is None for r in report.results)  # embeddings: MSE and cosine, else KL and agreement

@@ -19,8 +19,10 @@ come from :class:`ddtool.mc.MCSampler`, which runs the teacher's deterministic p
 
 The student q starts from the teacher's weights (standard dropout is in Q, Fig. 1) or from a
 smaller network (Sec. 5.3) and runs deterministically: dropout off, BatchNorm on its running
-statistics. The schedule follows Sec. 5.1: SGD with momentum 0.9, the base rate for 20 epochs,
-then a tenth of it for 10 more.
+statistics. The schedule scales Sec. 5.1's (SGD with momentum 0.9, the base rate for 20 epochs,
+then a tenth of it for 10 more) to any ``epochs``: the rate drops tenfold after two thirds of
+them, or follows a cosine (``schedule="cosine"``). ``lr_find`` picks the base rate without labels,
+by a short range test on the fidelity to the MC average (:func:`find_lr`).
 """
 
 from __future__ import annotations
@@ -52,16 +54,21 @@ from .resume import (RunState, device_rng_state, interrupted, load_state, restor
 
 LOSSES = ("kl", "mse")
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("step", "cosine")
 FLIPS = ("", "h", "v", "hv")
 
 
 @dataclass
 class DistillConfig:
-    """Settings of one distillation run. The defaults follow the paper's Sec. 5.1."""
+    """Settings of one distillation run. The defaults follow the paper's Sec. 5.1 where the panel of
+    teachers in BENCHMARKS.md ("Defaults") agreed with it: SGD, momentum 0.9, lr 0.01, 30 epochs,
+    the tenfold drop after two thirds of them; unlike the paper, S is not perturbed."""
 
     epochs: int = 30  # paper: 20 epochs at the base rate, then 10 at a tenth of it
     lr: float = 0.01  # the paper uses the last rate of the teacher's own training
-    lr_drop_epoch: int = 20  # epochs at the base rate: epochs 1..N (as reported) use lr, later ones lr / 10
+    lr_drop_epoch: int | None = None  # "step": epochs 1..N (as reported) use lr, later ones lr / 10; None = 2/3 of epochs
+    schedule: str = "step"  # "step" (the paper's tenfold drop) or "cosine" (per epoch, from lr to near 0)
+    lr_find: bool = False  # replace lr by a label-free range test's choice (find_lr)
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -69,7 +76,7 @@ class DistillConfig:
     teacher_samples: int = 4  # K masked teacher outputs averaged into one target (Thm. 1(ii))
     loss: str = "kl"  # "kl" for classifiers, "mse" for regression outputs
     class_dim: int = 1  # the class axis of the output; KL is taken per position along it
-    perturb: float = 0.2  # probability of zeroing each input pixel (the paper's S); 0 = none
+    perturb: float = 0.0  # probability of zeroing each input pixel (the paper's S: 0.2); off: it hurt (BENCHMARKS.md)
     flip: str = ""  # random flips of input images: "", "h", "v" or "hv"
     perturb_tokens: float = 0.0  # text: probability of replacing each real, non-special token with [MASK]/[UNK]
     val_fraction: float = 0.0  # share of inputs held out to measure fidelity after each epoch
@@ -90,7 +97,8 @@ class DistillConfig:
             "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
             "loss": self.loss in LOSSES, "optimizer": self.optimizer in OPTIMIZERS, "flip": self.flip in FLIPS,
             "val_fraction": 0 <= self.val_fraction < 1, "val_mc_samples": self.val_mc_samples >= 1,
-            "patience": self.patience >= 0, "lr_drop_epoch": self.lr_drop_epoch >= 0,
+            "patience": self.patience >= 0, "schedule": self.schedule in SCHEDULES,
+            "lr_drop_epoch": self.lr_drop_epoch is None or self.lr_drop_epoch >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -110,6 +118,8 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None  # with early stopping: the epoch whose weights were kept
     shared_prefix: bool = False  # whether the teacher's deterministic prefix was computed once
+    lr: float | None = None  # the base rate used (the range test's choice with lr_find)
+    lr_search: list[dict] = field(default_factory=list)  # with lr_find: each rate tried and its probe fidelity
 
 
 # --------------------------------------------------------------------------- losses
@@ -167,10 +177,27 @@ def _optimizer(params, config: DistillConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def _learning_rate(opt: torch.optim.Optimizer, config: DistillConfig, epoch: int) -> float:
-    """Sec. 5.1's schedule: the base rate for the first ``lr_drop_epoch`` epochs, then a tenth of it
-    (``epoch`` counts from 0 here; reports count from 1)."""
-    lr = config.lr if epoch < config.lr_drop_epoch else config.lr / 10
+def drop_epoch(config: DistillConfig) -> int:
+    """Epochs at the base rate of the "step" schedule: ``lr_drop_epoch``, or two thirds of the
+    epochs (the paper's 20 of 20 + 10), rounded, so the drop happens at any ``epochs`` > 1."""
+    return config.lr_drop_epoch if config.lr_drop_epoch is not None else max(1, round(2 * config.epochs / 3))
+
+
+def scheduled_lr(config: DistillConfig, epoch: int, base: float | None = None) -> float:
+    """The rate of epoch ``epoch`` (from 0) for base rate ``base`` (default ``config.lr``):
+
+        step:    eta_e = base for e < drop_epoch, base / 10 after (Sec. 5.1, scaled to ``epochs``)
+        cosine:  eta_e = base * (1 + cos(pi * e / epochs)) / 2
+    """
+    base = config.lr if base is None else base
+    if config.schedule == "cosine":
+        return base * (1 + math.cos(math.pi * epoch / config.epochs)) / 2
+    return base if epoch < drop_epoch(config) else base / 10
+
+
+def _learning_rate(opt: torch.optim.Optimizer, config: DistillConfig, epoch: int, base: float | None = None) -> float:
+    """Set the rate of epoch ``epoch`` (from 0 here; reports count from 1), see :func:`scheduled_lr`."""
+    lr = scheduled_lr(config, epoch, base)
     for group in opt.param_groups:
         group["lr"] = lr
     return lr
@@ -342,14 +369,16 @@ def _rank_seed(config: DistillConfig, world: World) -> int:
 
 
 # --------------------------------------------------------------------------- fidelity
-def _fidelity(run: _Run) -> float:
-    """Mean loss of the student against the MC reference on the held-out inputs (no labels)."""
+def _fidelity(run: _Run, val: torch.Tensor | None = None, val_ref: torch.Tensor | None = None) -> float:
+    """Mean loss of the student against the MC reference on held-out raw inputs (no labels):
+    ``val`` and its reference ``val_ref``, by default the run's held-out set."""
+    val, val_ref = (run.val, run.val_ref) if val is None else (val, val_ref)
     total, loss_of = 0.0, loss_fn(run.config)
     with torch.no_grad(), deterministic(run.student):
-        for raw, ref in zip(run.val.split(256), run.val_ref.split(256)):
+        for raw, ref in zip(val.split(256), val_ref.split(256)):
             out = select_output(run.student(run.preprocess.prepare(raw.to(run.device))), run.config.output)
             total += loss_of(out, ref.to(run.device)).item() * raw.shape[0]
-    return total / run.val.shape[0]
+    return total / val.shape[0]
 
 
 def _val_reference(sampler: MCSampler, val_x, preprocess, config, device) -> torch.Tensor:
@@ -361,6 +390,74 @@ def _val_reference(sampler: MCSampler, val_x, preprocess, config, device) -> tor
             x = preprocess.prepare(raw.to(device))
             refs.append(sampler.mean(x, config.val_mc_samples, lambda out: to_target(out, config)).cpu())
     return torch.cat(refs)
+
+
+# --------------------------------------------------------------------------- the label-free range test
+#: Base rates the range test tries (a factor ~3 apart), the SGD steps it gives each from the
+#: student's starting weights, and how many inputs of S it holds out of those steps to measure on.
+LR_CANDIDATES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+LR_FIND_STEPS = 60
+LR_FIND_PROBE = 512
+
+
+def find_lr(run: _Run) -> tuple[float, list[dict]]:
+    """The base rate for ``run`` chosen without labels, and what the test measured.
+
+    For each rate eta of :data:`LR_CANDIDATES`, the student is trained from its starting weights
+    for :data:`LR_FIND_STEPS` steps of Algorithm 2 (a fresh optimizer, the run's settings and
+    batches of S), and its fidelity is measured on :data:`LR_FIND_PROBE` inputs of S that those
+    steps never saw:
+
+        F(eta) = mean_i KL(p_mc(x_i) || q_eta(x_i))     (MSE for regression outputs)
+
+    with p_mc the average of ``val_mc_samples`` masks. The rate of lowest F wins; a rate whose
+    loss turns NaN or infinite scores infinity. Every candidate sees the same batches and masks
+    (one seed, the same on every process, so every rank picks the same rate), and the student's
+    weights are put back afterwards: the run itself starts exactly as without the test.
+    """
+    config, start = run.config, _weights(run.student)
+    order = _epoch_order(len(run.data), config.seed, -1)
+    probe_pos, train_pos = order[:LR_FIND_PROBE], order[LR_FIND_PROBE:]
+    if len(train_pos) == 0:  # S smaller than the probe: the test measures on inputs it trained on
+        train_pos = order
+    probe_x = torch.cat(list(run.data.batches(probe_pos, 256)))
+    ref = _val_reference(run.sampler, probe_x, run.preprocess, config, run.device)
+    steps = [train_pos[(i * config.batch_size + torch.arange(config.batch_size)) % len(train_pos)]
+             for i in range(LR_FIND_STEPS)]
+    tried, perturbations = [], run.generator.get_state()
+    for lr in LR_CANDIDATES:
+        fidelity = _try_lr(run, lr, steps, probe_x, ref)
+        run.student.load_state_dict(start)
+        run.generator.set_state(perturbations)
+        tried.append({"lr": lr, "fidelity": fidelity})
+    best = min(tried, key=lambda t: t["fidelity"])
+    if not math.isfinite(best["fidelity"]):
+        raise ModelError("every learning rate of the range test gave NaN or infinite losses; set --lr without --lr-find")
+    return best["lr"], tried
+
+
+def _try_lr(run: _Run, lr: float, steps: list[torch.Tensor], probe_x: torch.Tensor, ref: torch.Tensor) -> float:
+    """The probe fidelity after ``steps`` SGD steps at rate ``lr`` from the current weights (see :func:`find_lr`)."""
+    config = run.config
+    opt = _optimizer([p for p in run.student.parameters() if p.requires_grad], config)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    cuda = [run.device.index or 0] if run.device.type == "cuda" else []  # (on CUDA the masks come from its generator)
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(config.seed + 2)  # the same masks for every candidate, and the run's stream untouched
+        for idx in steps:
+            x = run.inputs(torch.cat(list(run.data.batches(idx, len(idx)))))
+            with run.autocast():
+                target = run.target(x)
+                out = select_output(run.student(x), config.output)
+            loss = run.loss(out, target)
+            if not torch.isfinite(loss):
+                return math.inf
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    fidelity = _fidelity(run, probe_x, ref)
+    return fidelity if math.isfinite(fidelity) else math.inf
 
 
 # --------------------------------------------------------------------------- resume state
@@ -386,7 +483,7 @@ def _save(run: _Run, state: RunState, checkpoint: Path | None, fingerprint: dict
                    student=_weights(run.student), optimizer=run.opt.state_dict(),
                    generator=[g for _, g, _ in states], rng=[r for r, _, _ in states],
                    device_rng=[d for _, _, d in states], history=state.history, best=state.best,
-                   world_size=run.world.size)
+                   world_size=run.world.size, lr=state.lr, lr_search=state.lr_search)
     parallel.barrier(run.world)
 
 
@@ -525,7 +622,8 @@ def _finish(run: _Run, state: RunState, checkpoint: Path | None, keep_checkpoint
         checkpoint.unlink(missing_ok=True)  # finished: nothing left to resume
     student = run.student.to(memory_format=torch.contiguous_format) if run.channels_last else run.student
     return DistillResult(freeze(student.eval().cpu()), state.history, state.best["epoch"] if state.best else None,
-                         run.sampler.shared_prefix and run.config.teacher_samples > 1)
+                         run.sampler.shared_prefix and run.config.teacher_samples > 1,
+                         state.lr if state.lr is not None else run.config.lr, state.lr_search)
 
 
 # --------------------------------------------------------------------------- Algorithm 2
@@ -572,6 +670,10 @@ def distill(
         if checkpoint is not None:  # what makes a resumed run the same run
             fingerprint = {"teacher": teacher_sha256, "inputs": run.data.fingerprint(), **(fingerprint or {})}
         state = _start(run, checkpoint, resume, fingerprint or {})
+        if config.lr_find and state.lr is None:  # a resumed run keeps the rate its test chose
+            state.lr, state.lr_search = find_lr(run)
+            if progress:
+                progress({"event": "lr_find", "lr": state.lr, "tried": state.lr_search})
         state = _loop(run, state, progress, checkpoint, fingerprint or {})
         return _finish(run, state, checkpoint, keep_checkpoint)
 
@@ -587,7 +689,7 @@ def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, fingerp
     with _random_streams(run, state), stop_requests() as stop:
         good = _Good.of(run, state.epoch, state.step)
         for epoch in range(state.epoch, run.config.epochs):
-            lr = _learning_rate(run.opt, run.config, epoch)  # Alg. 2, line 8: eta_t (per epoch, Sec. 5.1)
+            lr = _learning_rate(run.opt, run.config, epoch, state.lr)  # Alg. 2, line 8: eta_t (per epoch, Sec. 5.1)
             meter = _Meter(run, epoch, lr, progress)
             step = checked = state.skip(epoch)
             for step, raw in run.batches(epoch, state.skip(epoch)):

@@ -10,6 +10,15 @@ samples), the reference a distilled model is trained to approach:
     KL to MC   = mean_i sum_c p_mc,c(x_i) (log p_mc,c(x_i) - log q_c(x_i))
     agreement  = mean_i [argmax q(x_i) == argmax p_mc(x_i)]
 
+and how well each method's uncertainty ranks inputs, by its predictive entropy
+H(q(x)) = -sum_c q_c(x) log q_c(x) (for MC dropout, of the MC average):
+
+    misclassification AUROC = P(H(q(x_wrong)) > H(q(x_right)))   (labels needed)
+    OOD AUROC               = P(H(q(x_ood))   > H(q(x_in)))       (given a folder of other inputs)
+
+the rank (Mann-Whitney) form of the area under the ROC curve, ties counted one half: 1 is a
+perfect ranking, 0.5 chance.
+
 A model whose output is not a distribution (an embedding: ``regression``) is compared with the
 MC-average output f_mc instead, row by row (a row is an input's embedding, or one token's):
 
@@ -35,7 +44,7 @@ from torch import nn
 
 from .data import Inputs, Preprocess, class_labels
 from .dropout import MCPlan, check_dropout, deterministic
-from .errors import ModelError
+from .errors import DataError, ModelError, UsageError
 from .files import to_bytes, write_bytes
 from .limits import require
 from .mc import MC_ROWS, MCSampler, probabilities
@@ -54,6 +63,8 @@ class MethodResult:
     nll: float | None = None  # nats
     ece: float | None = None
     kl_to_mc: float | None = None  # mean KL(p_mc || q) in nats; None for the MC reference itself
+    auroc_error: float | None = None  # predictive entropy separating wrong from right predictions
+    auroc_ood: float | None = None  # predictive entropy separating the OOD inputs from these
     agreement: float | None = None  # share of inputs whose top-1 class equals the MC average's
     mse_to_mc: float | None = None  # embeddings: mean squared difference to the MC-average output
     cosine_to_mc: float | None = None  # embeddings: mean cosine similarity to the MC-average output
@@ -73,6 +84,7 @@ class EvalReport:
     labelled: bool
     mc_samples: int
     repeats: int = 1
+    ood_inputs: int = 0  # inputs of the out-of-distribution folder (0: none given)
     positions: int = 1  # output positions per input compared (1 for a classifier)
     results: list[MethodResult] = field(default_factory=list)
     unused: list[dict] = field(default_factory=list)  # entries of the folder not used, with the reason
@@ -161,9 +173,37 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS)
     return ece, table
 
 
-def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor | None, regression: bool = False) -> dict:
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-row predictive entropy H(q) = -sum_c q_c log q_c of an (N, C) table, in nats."""
+    p = probs.double().clamp_min(0)
+    return -torch.xlogy(p, p).sum(dim=1)
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` rows from the others,
+    in its rank (Mann-Whitney U) form:
+
+        AUROC = (sum_{i positive} r_i - n_pos (n_pos + 1) / 2) / (n_pos * n_neg)
+
+    with r_i the rank of score i among all (1 = lowest), tied scores sharing their average
+    rank (a tie between a positive and a negative counts one half). None when either side is
+    empty."""
+    positive = positive.bool().flatten()
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = torch.unique(scores.double().flatten(), return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # rank of the last member of each group of equal scores
+    ranks = (last - (counts.double() - 1) / 2)[inverse]
+    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor | None, regression: bool = False,
+            ood: torch.Tensor | None = None) -> dict:
     """The quality metrics of one method's probabilities, or of its outputs with ``regression``
-    (see the module docstring)."""
+    (see the module docstring); ``ood`` are the same method's probabilities on
+    out-of-distribution inputs."""
     out: dict = {}
     if regression:
         if ref is not None:
@@ -172,18 +212,24 @@ def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor 
             out["cosine_to_mc"] = torch.nn.functional.cosine_similarity(probs[real], ref[real], dim=1).mean().item()
         return out
     if labels is not None:
-        out["error"] = (probs.argmax(1) != labels).float().mean().item()
+        wrong = probs.argmax(1) != labels
+        out["error"] = wrong.float().mean().item()
         out["nll"] = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
         out["ece"], out["reliability"] = calibration(probs, labels)
+        out["auroc_error"] = auroc(entropy(probs), wrong)
     if ref is not None:
         out["kl_to_mc"] = kl_divergence(ref, probs).mean().item()
         out["agreement"] = (probs.argmax(1) == ref.argmax(1)).float().mean().item()
+    if ood is not None:
+        out["auroc_ood"] = auroc(torch.cat([entropy(probs), entropy(ood)]),
+                                 torch.arange(len(probs) + len(ood)) >= len(probs))
     return out
 
 
 def _summarise(method: str, runs: list[dict], params: int, passes: int) -> MethodResult:
     result = MethodResult(method=method, parameters=params, forward_passes=passes)
-    for key in ("error", "nll", "ece", "kl_to_mc", "agreement", "mse_to_mc", "cosine_to_mc", "latency_ms", "throughput"):
+    for key in ("error", "nll", "ece", "kl_to_mc", "agreement", "mse_to_mc", "cosine_to_mc", "auroc_error", "auroc_ood",
+                "latency_ms", "throughput"):
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             setattr(result, key, statistics.fmean(values))
@@ -215,15 +261,32 @@ def _positions_and_labels(inputs: Inputs, classes, outputs: dict[str, torch.Tens
 
 
 def _standard_runs(models: dict[str, nn.Module], x, batch_size, select, class_dim, timing,
-                   regression: bool = False) -> tuple[dict, dict]:
-    """Each deterministic model's probabilities (outputs, with ``regression``), and its throughput and latency."""
-    probs, runs = {}, {}
+                   regression: bool = False, ood_x=None) -> tuple[dict, dict, dict]:
+    """Each deterministic model's probabilities (outputs, with ``regression``), its throughput
+    and latency, and its probabilities on the OOD inputs ``ood_x`` (if any)."""
+    probs, runs, ood = {}, {}, {}
     for name, model in models.items():
         probs[name], seconds = predict_probs(model, x, batch_size, select=select, class_dim=class_dim,
                                              regression=regression)
         _require_finite(probs[name], name)
         runs[name] = [{"throughput": len(x) / seconds, "latency_ms": latency_ms(model, x, select=select) if timing else None}]
-    return probs, runs
+        if ood_x is not None:
+            ood[name] = predict_probs(model, ood_x, batch_size, select=select, class_dim=class_dim)[0]
+    return probs, runs, ood
+
+
+def _ood_inputs(ood: Inputs | None, preprocess: Preprocess, x: torch.Tensor, positions: int) -> torch.Tensor | None:
+    """The prepared out-of-distribution inputs, checked to fit the models like ``x``."""
+    if ood is None:
+        return None
+    if positions != 1:
+        raise UsageError("--ood needs one prediction per input (a classifier); this output has several positions")
+    require(ood.x.numel() * 4, f"the {len(ood):,} OOD inputs as floats", "use fewer OOD inputs or a smaller --size")
+    ood_x = preprocess.prepare(ood.x)
+    if ood_x.shape[1:] != x.shape[1:]:
+        raise DataError(f"the OOD inputs have shape {list(ood_x.shape[1:])}, the inputs {list(x.shape[1:])}; "
+                        "give both the same --size and channels")
+    return ood_x
 
 
 def evaluate(
@@ -241,6 +304,7 @@ def evaluate(
     class_dim: int = 1,
     classes: list[str] | None = None,
     regression: bool = False,
+    ood: Inputs | None = None,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 
@@ -250,7 +314,9 @@ def evaluate(
     are not used. ``classes`` are the models' class names in output order: class subfolders
     are matched to them by name (see :func:`ddtool.data.class_labels`). ``timing=False`` skips
     the batch-1 latency runs. ``regression``: embeddings, compared with the MC-average output
-    in MSE and cosine (``class_dim``: the embedding axis; labels unused).
+    in MSE and cosine (``class_dim``: the embedding axis; labels unused). ``ood``, inputs from
+    another distribution, adds each method's OOD-detection AUROC (its predictive entropy there
+    against on ``inputs``).
     """
     require(inputs.x.numel() * 4, f"the {len(inputs):,} inputs as floats", "evaluate on fewer inputs or a smaller --size")
     x = preprocess.prepare(inputs.x)
@@ -260,7 +326,8 @@ def evaluate(
     labels = None if regression else labels
     plan = check_dropout(teacher, x[:2], sample_drop_path, select)
     with fast_layout(list(models.values()), x) as x:
-        standard, runs = _standard_runs(models, x, batch_size, select, class_dim, timing, regression)
+        ood_x = _ood_inputs(ood, preprocess, x, positions)
+        standard, runs, standard_ood = _standard_runs(models, x, batch_size, select, class_dim, timing, regression, ood_x)
         runs["mc"] = []
         for r in range(repeats):
             with torch.random.fork_rng(devices=[]):
@@ -269,17 +336,19 @@ def evaluate(
                                             regression)
                 _require_finite(mc, f"mc-{mc_samples}")
                 mc_latency = latency_ms(teacher, x, mc_samples, select, 10, sample_drop_path, plan) if timing and r == 0 else None
-            runs["mc"].append({**metrics(mc, None, labels, regression), "throughput": len(x) / seconds,
+                mc_ood = None if ood_x is None else \
+                    predict_probs(teacher, ood_x, batch_size, mc_samples, select, sample_drop_path, plan, class_dim)[0]
+            runs["mc"].append({**metrics(mc, None, labels, regression, mc_ood), "throughput": len(x) / seconds,
                                "latency_ms": mc_latency})
             for name, probs in standard.items():
-                entry = metrics(probs, mc, labels, regression)
+                entry = metrics(probs, mc, labels, regression, standard_ood.get(name))
                 if r == 0:
                     runs[name][0].update(entry)
                 else:
                     runs[name].append(entry)
     report = EvalReport(inputs=len(x), labelled=labels is not None, mc_samples=mc_samples, repeats=repeats,
                         positions=positions, unused=[u.as_dict() for u in inputs.unused],
-                        notes=[u.as_dict() for u in inputs.notes])
+                        notes=[u.as_dict() for u in inputs.notes], ood_inputs=0 if ood is None else len(ood))
     count = {name: count_parameters(m) for name, m in models.items()}
     report.results.append(_summarise("standard", runs["standard"], count["standard"], 1))
     report.results.append(_summarise(f"mc-{mc_samples}", runs["mc"], count["standard"], mc_samples))

@@ -196,12 +196,14 @@ class FolderResult:
     unused: list[dict] = field(default_factory=list)  # entries of the data folder not used, with the reason
     notes: list[dict] = field(default_factory=list)  # inputs used only in part (an animation's first frame)
     reading: str = ""  # how the data files were read
+    lr: float | None = None  # the base rate used (--lr, or --lr-find's choice)
+    lr_search: list[dict] = field(default_factory=list)  # with --lr-find: each rate tried and its probe fidelity
 
     def as_dict(self) -> dict:
         return {"bundle": self.bundle, "inputs": self.inputs, "held_out": self.held_out, "skipped": self.skipped,
                 "best_epoch": self.best_epoch, "shared_prefix": self.shared_prefix, **self.compression,
                 "history": self.history, "exports": [e.as_dict() for e in self.exports], "unused": self.unused,
-                "notes": self.notes, "reading": self.reading}
+                "notes": self.notes, "reading": self.reading, "lr": self.lr, "lr_search": self.lr_search}
 
 
 def _outputs(out: Path, formats, resume: bool, force: bool) -> dict[str, Any]:
@@ -311,14 +313,15 @@ def distill_to_folder(
             held_out = 0 if val is None else len(val)
             provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
                           "teacher_format": loaded.format, "inputs": len(train), "held_out": held_out,
-                          "settings": config.as_dict(), "best_epoch": result.best_epoch, **compression}
+                          "settings": config.as_dict(), "best_epoch": result.best_epoch, "lr": result.lr,
+                          "lr_search": result.lr_search, **compression}
             bundle = {"arch_ref": arch_ref, "preprocess": pre.as_dict(), "classes": names, "provenance": provenance,
                       "input_spec": input_spec(pre, train.sample(1))}
             exports = _write_results(paths, result, bundle, export, {"arch": student_arch or arch, "trust": trust},
                                      config.output, force)
     return FolderResult(str(paths["bundle"]), len(train), held_out, train.skipped, result.best_epoch,
                         result.shared_prefix, result.history, compression, exports, _unused(train.unused),
-                        _unused(train.notes), train.reading)
+                        _unused(train.notes), train.reading, result.lr, result.lr_search)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -338,18 +341,21 @@ def evaluate_folder(
     arch: str | None = None, arch_args: dict | None = None, mc_samples: int = 100, repeats: int = 1,
     batch_size: int = 256, timing: bool = True, seed: int = 0, select: str | int | None = None,
     sample_drop_path: bool = False, trust: bool = False, plot_to: PathLike | None = None, force: bool = False,
-    class_dim: int | None = None, classes: list[str] | str | None = None, follow_outside: bool = False, **preprocess,
+    class_dim: int | None = None, classes: list[str] | str | None = None, follow_outside: bool = False,
+    ood: PathLike | None = None, **preprocess,
 ) -> EvalReport:
     """Compare the checkpoint's standard and MC dropout with each ``distilled`` model on the
     folder ``data``: what ``ddtool evaluate`` does. A distilled model is named after its folder;
     the preprocessing, the class axis and the class names are the ones the distilled bundles
     recorded (``preprocess``, ``class_dim`` and ``classes`` override them). Class subfolders of
     ``data`` are matched to the class names by name. ``plot_to`` also writes the PNG of
-    :func:`ddtool.evaluation.plot`."""
+    :func:`ddtool.evaluation.plot`. ``ood``, a folder of inputs from another distribution, adds
+    the OOD-detection AUROC of each method."""
     if mc_samples < 1 or batch_size < 1 or repeats < 1:
         raise UsageError("--mc-samples, --batch-size and --repeats must be at least 1")
     names, names_file = _class_names(classes)
-    with protected_inputs(_model_file(checkpoint), data, *map(_model_file, distilled), _arch_file(arch), names_file):
+    with protected_inputs(_model_file(checkpoint), data, *map(_model_file, distilled), _arch_file(arch), names_file,
+                          *([ood] if ood is not None else [])):
         if plot_to is not None:
             check_output(plot_to, force)
         teacher = load_model(checkpoint, arch=arch, arch_args=arch_args, trust=trust, output=select)
@@ -370,7 +376,8 @@ def evaluate_folder(
         report = evaluate(teacher.model, read_folder(data, pre, follow_outside=follow_outside), pre,
                           {k: v.model for k, v in students.items()}, mc_samples=mc_samples, batch_size=batch_size,
                           seed=seed, select=select, sample_drop_path=sample_drop_path, repeats=repeats, timing=timing,
-                          class_dim=class_dim, classes=names, regression=kind not in (None, "logits"))
+                          class_dim=class_dim, classes=names, regression=kind not in (None, "logits"),
+                          ood=None if ood is None else read_folder(ood, pre, labelled=False, follow_outside=follow_outside))
         if plot_to is not None:
             plot(report, plot_to, force=force)
     return report

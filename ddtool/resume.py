@@ -30,7 +30,9 @@ from .files import to_bytes, write_bytes
 #: Marks a file as ddtool's resumable state (and its layout's version).
 RESUME_KEY = "ddtool_resume"
 #: Settings that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"epochs", "lr", "lr_drop_epoch", "patience", "device", "compile"}
+RESUMABLE_CHANGES = {"epochs", "lr", "lr_drop_epoch", "schedule", "patience", "device", "compile"}
+#: Settings added after the first resumable states were written, and the value a state without them had.
+ADDED_SETTINGS = {"schedule": "step", "lr_find": False}
 
 
 class Interrupted(DDToolError):
@@ -52,6 +54,8 @@ class RunState:
     best: dict | None = None  # {"epoch", "fidelity", "student": state dict}
     rng: torch.Tensor | None = None  # this rank's torch random state; None for a fresh run
     device_rng: torch.Tensor | None = None  # this rank's CUDA generator state, if the run was on CUDA
+    lr: float | None = None  # the base rate the range test chose (--lr-find); None = the configured one
+    lr_search: list[dict] = field(default_factory=list)  # what the range test measured
 
     def skip(self, epoch: int) -> int:
         """Steps of ``epoch`` already done (only the epoch a run was interrupted in has any)."""
@@ -123,7 +127,7 @@ def load_state(path: Path, config: dict, world_size: int, fingerprint: dict | No
             verb = "differ" if key.endswith("s") else "differs"
             raise UsageError(f"--resume: the {key} {verb} from the interrupted run's ({str(saved_fingerprint[key])[:40]} "
                              f"then, {str(value)[:40]} now); continue with the same ones, or start over with --force")
-    saved = state["config"]
+    saved = {**ADDED_SETTINGS, **state["config"]}
     changed = [name for name in config if name not in RESUMABLE_CHANGES and saved.get(name) != config[name]]
     if changed:
         name = changed[0]
@@ -145,8 +149,10 @@ def restore(saved: dict, path: Path, student: nn.Module, opt: torch.optim.Optimi
         if saved["generator"][rank].shape == generator.get_state().shape:  # (else saved on another kind of device)
             generator.set_state(saved["generator"][rank])
         device_rng = saved.get("device_rng") or [None] * (rank + 1)  # (absent from states of older versions)
+        found = saved.get("lr")  # absent in states written before --lr-find
         state = RunState(int(saved["epoch"]), int(saved["step"]), list(saved["history"]), saved.get("best"),
-                         saved["rng"][rank], device_rng[rank])
+                         saved["rng"][rank], device_rng[rank], float(found) if found is not None else None,
+                         list(saved.get("lr_search") or []))
         if not (state.device_rng is None or (isinstance(state.device_rng, torch.Tensor)
                                              and state.device_rng.dtype == torch.uint8 and state.device_rng.dim() == 1)):
             raise ValueError("the saved device random state has another type")

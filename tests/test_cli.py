@@ -135,6 +135,26 @@ def test_evaluate_unlabelled_folder(tiny_ckpt, unlabelled):
     assert "KL to MC" in table and "error %" not in table and "ms / input" not in table
 
 
+def test_evaluate_with_ood_reports_both_aurocs_and_refuses_a_mismatched_folder(tmp_path, tiny_ckpt, labelled, unlabelled):
+    result = run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", labelled, "--ood", unlabelled, "--mc-samples", 3,
+                 "--json", "--no-timing")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ood_inputs"] == 48 and report["inputs"] == 30
+    for row in report["results"]:  # standard and MC: both AUROCs, each a probability
+        assert 0 <= row["auroc_ood"] <= 1 and 0 <= row["auroc_error"] <= 1
+    table = run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", labelled, "--ood", unlabelled, "--mc-samples", 3,
+                "--no-timing").stdout
+    assert "AUROC OOD" in table and "AUROC err" in table
+    plain = run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", labelled, "--mc-samples", 3, "--no-timing").stdout
+    assert "AUROC OOD" not in plain and "AUROC err" in plain
+    write_images(tmp_path / "big", 4, size=12)
+    assert_one_line_error(run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", labelled, "--ood", tmp_path / "big",
+                              "--mc-samples", 3, "--no-timing"), 5, "OOD inputs have shape")
+    assert_one_line_error(run("evaluate", tiny_ckpt, "--arch", ARCH, "--data", labelled, "--ood", tmp_path / "none",
+                              "--mc-samples", 3), 2, "--ood")
+
+
 def test_export_of_a_state_dict_needs_a_shape(tmp_path, tiny_ckpt):
     assert_one_line_error(run("export", tiny_ckpt, "--arch", ARCH, "--out", tmp_path / "m.onnx"), 2, "--input-shape")
     result = run("export", tiny_ckpt, "--arch", ARCH, "--out", tmp_path / "m.ts", "--format", "torchscript",

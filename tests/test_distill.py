@@ -12,7 +12,7 @@ import tiny_arch
 from conftest import write_images
 from ddtool.data import Preprocess, index_folder, open_unlabelled
 from ddtool import distillation
-from ddtool.distillation import DistillConfig, distill, kl_loss, resolve_device
+from ddtool.distillation import LR_CANDIDATES, DistillConfig, distill, kl_loss, resolve_device, scheduled_lr
 from ddtool.mc import MCSampler, mc_average, probabilities
 from ddtool.errors import ModelError, NoDropoutError, UsageError
 from ddtool.evaluation import kl_divergence
@@ -147,7 +147,7 @@ def test_fidelity_is_measured_on_held_out_inputs_and_early_stopping_keeps_the_be
     torch.manual_seed(0)
     model = _confident(tiny_arch.tiny())
     events = []
-    cfg = DistillConfig(epochs=20, lr=0.5, lr_drop_epoch=20, val_fraction=0.25, patience=2, batch_size=16)
+    cfg = DistillConfig(epochs=20, lr=0.5, lr_drop_epoch=20, val_fraction=0.25, patience=2, batch_size=16, perturb=0.2)
     result = distill(model, _inputs(64), PRE, cfg, progress=events.append)
     fid = [r["fidelity"] for r in result.history]
     assert result.best_epoch == 1 + fid.index(min(fid))
@@ -385,3 +385,58 @@ def test_an_epoch_cut_short_is_still_checked(monkeypatch, tmp_path, tiny_model):
     monkeypatch.setattr(distillation, "_check_point", lambda *args: calls.append(args[6]) or original(*args))
     distill(tiny_model, streamed, PRE, DistillConfig(epochs=1, batch_size=1))
     assert calls == [12]  # 11 steps taken, the epoch's end checked as its nominal last step
+
+
+# --------------------------------------------------------------------------- schedule and the range test
+def test_the_rate_drops_after_two_thirds_of_any_number_of_epochs():
+    def rates(**kw):
+        return [scheduled_lr(DistillConfig(**kw), e) for e in range(kw["epochs"])]
+
+    assert rates(epochs=30).count(0.01) == 20 and rates(epochs=30)[20:] == [0.001] * 10  # the paper's 20 + 10
+    assert rates(epochs=3) == [0.01, 0.01, 0.001] and rates(epochs=10).count(0.01) == 7
+    assert rates(epochs=1) == [0.01]
+    assert rates(epochs=5, lr_drop_epoch=1) == [0.01] + [0.001] * 4  # an explicit drop epoch still rules
+    cosine = rates(epochs=6, schedule="cosine", lr=0.1)
+    assert cosine[0] == 0.1 and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
+    assert cosine[3] == pytest.approx(0.05)  # half-way: half the base rate
+
+
+def test_lr_find_picks_a_candidate_and_leaves_the_run_as_it_would_be_at_that_rate(tiny_model):
+    """The range test tries every candidate from the same start and puts everything back:
+    the run after it equals a run given the chosen rate."""
+    x = _inputs(600)
+    cfg = DistillConfig(epochs=2, batch_size=16, seed=3, lr_find=True, perturb=0.2)
+    found = distill(tiny_model, x, PRE, cfg)
+    assert found.lr in LR_CANDIDATES and [t["lr"] for t in found.lr_search] == list(LR_CANDIDATES)
+    best = min(found.lr_search, key=lambda t: t["fidelity"])
+    assert best["lr"] == found.lr and all(t["fidelity"] >= 0 for t in found.lr_search)
+    plain = distill(tiny_model, x, PRE, DistillConfig(epochs=2, batch_size=16, seed=3, lr=found.lr, perturb=0.2))
+    assert _same(found.student, plain.student) and plain.lr == found.lr and not plain.lr_search
+    assert [h["lr"] for h in found.history] == [found.lr, found.lr / 10]
+
+
+def test_a_resumed_lr_find_run_keeps_its_rate_and_old_states_still_resume(tmp_path, tiny_model):
+    x, ckpt = _inputs(600), tmp_path / "resume.pt"
+    cfg = DistillConfig(epochs=2, batch_size=16, seed=1, lr_find=True)
+    whole = distill(tiny_model, x, PRE, cfg)
+
+    def interrupt(event):
+        if event["event"] == "step" and event["done"] == 40:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        distill(tiny_model, x, PRE, cfg, progress=interrupt, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["lr"] == whole.lr
+    resumed = distill(tiny_model, x, PRE, cfg, checkpoint=ckpt, resume=True, progress=lambda e: e["event"] != "lr_find" or 1 / 0)
+    assert _same(resumed.student, whole.student) and resumed.lr == whole.lr
+    # a state written before --schedule and --lr-find existed resumes with their defaults
+    plain = DistillConfig(epochs=2, batch_size=16, seed=1)
+    with pytest.raises(Interrupted):
+        distill(tiny_model, x, PRE, plain, progress=interrupt, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    for key in ("schedule", "lr_find"):
+        del state["config"][key]
+    del state["lr"], state["lr_search"]
+    torch.save(state, ckpt)
+    assert _same(distill(tiny_model, x, PRE, plain, checkpoint=ckpt, resume=True).student,
+                 distill(tiny_model, x, PRE, plain).student)

@@ -11,7 +11,7 @@ from torch import nn
 
 import tiny_arch
 from ddtool.data import Inputs, Preprocess
-from ddtool.evaluation import calibration, evaluate, kl_divergence, plot, predict_probs
+from ddtool.evaluation import auroc, calibration, entropy, evaluate, kl_divergence, plot, predict_probs
 from ddtool.mc import MC_ROWS, MCSampler
 
 
@@ -130,3 +130,62 @@ def test_per_position_outputs_are_compared_with_mc_position_by_position():
     mc = predict_probs(model, x, 256, mc_samples=10, class_dim=2)[0]
     assert mc.shape == (48, 3) and report.positions == 8 and not report.labelled and std.error is None
     assert std.kl_to_mc == pytest.approx(kl_divergence(mc, probs).mean().item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- uncertainty: AUROC
+def test_auroc_of_a_perfect_a_reversed_and_a_constant_score():
+    positive = torch.tensor([0, 0, 1, 0, 1, 1]).bool()
+    perfect = positive.double() + 0.1 * torch.arange(6)  # every positive above every negative
+    assert auroc(perfect, positive) == 1.0
+    assert auroc(-perfect, positive) == 0.0
+    assert auroc(torch.ones(6), positive) == 0.5  # all tied: each pair counts one half
+    assert auroc(torch.ones(6), torch.zeros(6)) is None  # no positives: undefined
+
+
+def test_auroc_counts_ties_one_half_and_matches_the_pairwise_definition():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (200,), generator=gen).double()  # many ties
+    positive = torch.rand(200, generator=gen) < 0.3
+    pos, neg = scores[positive], scores[~positive]
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert auroc(scores, positive) == pytest.approx(pairs.mean().item(), abs=1e-12)
+
+
+def test_auroc_of_a_random_score_is_near_one_half():
+    """Random scores, independent of the labels: AUROC ~ 0.5 with standard deviation
+    sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg)) ~ 0.009 here; 5 sigma bound."""
+    gen = torch.Generator().manual_seed(1)
+    positive = torch.rand(10_000, generator=gen) < 0.2
+    value = auroc(torch.rand(10_000, generator=gen), positive)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    sigma = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
+    assert abs(value - 0.5) < 5 * sigma
+
+
+def test_entropy_of_one_hot_and_uniform_rows():
+    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert torch.allclose(entropy(probs), torch.tensor([0.0, math.log(4)], dtype=torch.float64))
+
+
+def test_evaluate_reports_misclassification_and_ood_auroc_per_method():
+    """The report's AUROCs equal the definitions recomputed from the same predictions; OOD
+    inputs of pure noise far outside the training range are told apart from the inputs."""
+    model, x = _mlp(), torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 3
+    inputs = Inputs(x=x, paths=[None] * 40, labels=labels, classes=["a", "b", "c"])
+    ood_x = torch.rand(25, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ood = Inputs(x=ood_x, paths=[None] * 25)
+    report = evaluate(model, inputs, Preprocess(), mc_samples=10, batch_size=16, seed=2, timing=False, ood=ood)
+    std, mc = report.results
+    assert report.ood_inputs == 25
+    probs, ood_probs = predict_probs(model, x, 40)[0], predict_probs(model, ood_x, 40)[0]
+    assert std.auroc_error == pytest.approx(auroc(entropy(probs), probs.argmax(1) != labels))
+    both = torch.cat([entropy(probs), entropy(ood_probs)])
+    assert std.auroc_ood == pytest.approx(auroc(both, torch.arange(65) >= 40))
+    torch.manual_seed(2)
+    mc_probs = predict_probs(model, x, 16, mc_samples=10)[0]
+    mc_ood = predict_probs(model, ood_x, 16, mc_samples=10)[0]
+    assert mc.auroc_error == pytest.approx(auroc(entropy(mc_probs), mc_probs.argmax(1) != labels))
+    assert mc.auroc_ood == pytest.approx(auroc(torch.cat([entropy(mc_probs), entropy(mc_ood)]), torch.arange(65) >= 40))
+    without = evaluate(model, inputs, Preprocess(), mc_samples=10, batch_size=16, seed=2, timing=False).results[0]
+    assert without.auroc_ood is None and without.auroc_error == std.auroc_error
