@@ -322,9 +322,7 @@ def distill(
     classes: Classes = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None, max_length: MaxLength = None,
-    follow_outside: FollowOutside = False,
-    force: Force = False,
-    as_json: Json = False,
+    follow_outside: FollowOutside = False, force: Force = False, as_json: Json = False,
 ) -> None:
     """Distill the checkpoint into a deterministic student (Algorithm 2). Ctrl-C (or SIGTERM) writes
     OUT/resume.pt and exits with 130 (143); --resume continues. Data-parallel on N processes or GPUs:
@@ -333,8 +331,8 @@ def distill(
         epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, schedule=schedule, lr_find=lr_find, optimizer=optimizer,
         momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
         class_dim=class_dim, perturb=perturb, flip=flip, perturb_tokens=perturb_tokens, val_fraction=val_fraction,
-        patience=patience, seed=seed,
-        output=parse_select(output), sample_drop_path=sample_drop_path, device=device, compile=compile_model)
+        patience=patience, seed=seed, output=parse_select(output), sample_drop_path=sample_drop_path, device=device,
+        compile=compile_model)
     progress = DistillProgress()
     try:
         result = distill_to_folder(
@@ -388,9 +386,7 @@ def evaluate(
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
     max_length: MaxLength = None,
     ood: Annotated[Optional[Path], typer.Option("--ood", help="A folder of inputs from another distribution: adds each method's OOD-detection AUROC (predictive entropy).", exists=True, file_okay=False, show_default=False)] = None,
-    follow_outside: FollowOutside = False,
-    force: Force = False,
-    as_json: Json = False,
+    follow_outside: FollowOutside = False, force: Force = False, as_json: Json = False,
 ) -> None:
     """Compare standard dropout, MC dropout and distilled models on a folder: quality, uncertainty and cost."""
     report = evaluate_folder(checkpoint, data, distilled or [], arch=arch, arch_args=parse_arch_args(arch_args),
@@ -501,9 +497,7 @@ def predict(
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None,
     max_length: MaxLength = None,
-    follow_outside: FollowOutside = False,
-    force: Force = False,
-    as_json: Json = False,
+    follow_outside: FollowOutside = False, force: Force = False, as_json: Json = False,
 ) -> None:
     """Predict the top-k classes of every input in a folder, with the model's own preprocessing."""
     found = predict_folder(model, data, out_file, top_k=top_k, batch_size=batch_size, arch=arch,

@@ -294,17 +294,11 @@ def evaluate(
     inputs: Inputs,
     preprocess: Preprocess,
     distilled: dict[str, nn.Module] | None = None,
-    mc_samples: int = 100,
-    batch_size: int = 256,
-    seed: int = 0,
-    select: str | int | None = None,
-    sample_drop_path: bool = False,
-    repeats: int = 1,
-    timing: bool = True,
-    class_dim: int = 1,
-    classes: list[str] | None = None,
-    regression: bool = False,
-    ood: Inputs | None = None,
+    mc_samples: int = 100, batch_size: int = 256, seed: int = 0,
+    select: str | int | None = None, sample_drop_path: bool = False,
+    repeats: int = 1, timing: bool = True,
+    class_dim: int = 1, classes: list[str] | None = None,
+    regression: bool = False, ood: Inputs | None = None,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 

@@ -301,7 +301,7 @@ def test_transformers_folder(tmp_path):
     require_dropout(loaded.model, loaded.example)
     logits = loaded.model(loaded.example)
     assert logits.shape == (loaded.example.shape[0], 3)
-    again = _bundle_via_distill(tmp_path, loaded, inputs=loaded.example.repeat(3, 1))  # token ids, as they are
+    again = _bundle_via_distill(tmp_path, loaded, inputs=loaded.example.repeat(3, 1, 1))  # token ids and mask, as they are
     assert again.arch_ref["kind"] == "hf"
 
 
