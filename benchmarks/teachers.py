@@ -40,13 +40,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BUILD, RESULTS, machine, seed_all  # noqa: E402
 
 import fashion_mnist  # noqa: E402  (on the path through common)
+from make_samples import train  # noqa: E402  (samples/ is on the path through common too)
 
 from ddtool.evaluation import predict_probs  # noqa: E402
 
@@ -133,23 +133,6 @@ def describe(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- training and loading
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int) -> None:
-    """Plain SGD with dropout on (x in [0, 1], labels y), a constant rate."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for epoch in range(epochs):
-        start, total = time.perf_counter(), 0.0
-        for idx in torch.randperm(len(x), generator=gen).split(128):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        print(f"  epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f} ({time.perf_counter() - start:.1f}s)", flush=True)
-    model.eval()
-
-
 def load(name: str) -> nn.Module:
     """The trained teacher ``name`` (trained by :func:`main` first)."""
     model = build(name)
@@ -167,7 +150,7 @@ def trained(name: str, train_x: torch.Tensor, train_y: torch.Tensor) -> tuple[nn
     model = build(name)
     n = settings["n_train"]
     start = time.perf_counter()
-    train(model, train_x[:n], train_y[:n], settings["epochs"], settings["lr"], settings["seed"])
+    train(model, train_x[:n], train_y[:n], settings["epochs"], settings["lr"], settings["seed"], drop_rate=False)
     seconds = time.perf_counter() - start
     TEACHERS_DIR.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
