@@ -436,7 +436,8 @@ def read_image(path: Path, pre: Preprocess) -> tuple[torch.Tensor, str | None]:
 def read_named(path: Path, names: tuple[str, ...]) -> torch.Tensor:
     """An .npz or .pt dict of named arrays as one input: the arrays stacked in the order of the
     model's input ``names`` (so the model gets each by name); an absent attention_mask is all
-    ones, another absent name all zeros. The arrays must have one shape."""
+    ones, another absent name all zeros. The arrays must have one shape, (L,) or (1, L): a
+    tokenizer's output for one text, with or without its batch axis."""
     if path.suffix.lower() == ".pt":
         value = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(value, torch.Tensor):
@@ -456,6 +457,11 @@ def read_named(path: Path, names: tuple[str, ...]) -> torch.Tensor:
         raise ValueError(f"{path.name}: its arrays have different shapes")
     if any(a.dtype.kind not in "biu" for a in arrays.values()):
         raise ValueError(f"{path.name}: named arrays must hold integers (token ids, masks)")
+    if len(shape) == 2 and shape[0] == 1:  # a tokenizer's return_tensors="np": a batch of one
+        arrays, shape = {k: a[0] for k, a in arrays.items()}, shape[1:]
+    if len(shape) != 1:
+        raise ValueError(f"{path.name}: named arrays of shape {tuple(shape)}; a file holds one input, "
+                         f"its arrays of shape (length,) or (1, length)")
     rows = [torch.from_numpy(np.asarray(arrays[n], dtype=np.int64)) if n in arrays
             else torch.full(shape, 1 if n == "attention_mask" else 0, dtype=torch.long) for n in names]
     return torch.stack(rows)

@@ -133,6 +133,12 @@ def test_named_arrays_are_one_input_passed_by_name(folders, tmp_path):
     assert "4 file(s) of named arrays" in found["reading"]
     other = Preprocess()  # a model without named inputs: each array of an .npz is its own input
     assert len(read_folder(tmp_path / "arrays", other, labelled=False)) == 8
+    np.savez(tmp_path / "arrays" / "4.npz", input_ids=x[:1, 0].numpy(), attention_mask=x[:1, 1].numpy())
+    batched = read_folder(tmp_path / "arrays", pre, labelled=False)  # return_tensors="np": a batch of one
+    assert len(batched) == 5 and torch.equal(batched.x[4], batched.x[0])
+    np.savez(tmp_path / "arrays" / "5.npz", input_ids=x[:2, 0].numpy(), attention_mask=x[:2, 1].numpy())
+    two = cli("predict", folders["clf"], "--data", tmp_path / "arrays", code=5)  # a file of two inputs: unreadable
+    assert "5.npz: named arrays of shape (2, " in two.output and "a file holds one input" in two.output
 
 
 def test_pixel_perturbation_never_touches_token_ids_and_token_noise_spares_specials(folders):
