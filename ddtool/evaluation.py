@@ -46,7 +46,7 @@ from .data import Inputs, Preprocess, class_labels
 from .dropout import MCPlan, check_dropout, deterministic
 from .errors import DataError, ModelError, UsageError
 from .files import to_bytes, write_bytes
-from .limits import require
+from .limits import check_forward, require
 from .mc import MC_ROWS, MCSampler, probabilities
 from .model import count_parameters, fast_layout, probe
 from .outputs import check_class_dim, select_output
@@ -289,6 +289,17 @@ def _ood_inputs(ood: Inputs | None, preprocess: Preprocess, x: torch.Tensor, pos
     return ood_x
 
 
+def _check_passes(models: dict, inputs: Inputs, preprocess: Preprocess, batch_size: int, mc_samples: int) -> torch.Tensor:
+    """The inputs prepared, once it is known that they and the passes fit in memory: ``batch_size``
+    rows at a time, MC_ROWS with MC sampling."""
+    require(inputs.x.numel() * 4, f"the {len(inputs):,} inputs as floats", "evaluate on fewer inputs or a smaller --size")
+    x = preprocess.prepare(inputs.x)
+    rows = max(min(batch_size, len(x)), MC_ROWS if mc_samples else 0)  # MC stacks masked copies into MC_ROWS rows
+    for model in models.values():
+        check_forward(model, x[:1], rows, f"evaluating {rows} rows at a time", "lower --batch-size (or --size)")
+    return x
+
+
 def evaluate(
     teacher: nn.Module,
     inputs: Inputs,
@@ -312,9 +323,8 @@ def evaluate(
     another distribution, adds each method's OOD-detection AUROC (its predictive entropy there
     against on ``inputs``).
     """
-    require(inputs.x.numel() * 4, f"the {len(inputs):,} inputs as floats", "evaluate on fewer inputs or a smaller --size")
-    x = preprocess.prepare(inputs.x)
     models = {"standard": teacher, **(distilled or {})}
+    x = _check_passes(models, inputs, preprocess, batch_size, mc_samples)
     outputs = {name: probe(model, x[:2], select) for name, model in models.items()}
     positions, labels = _positions_and_labels(inputs, classes, outputs, class_dim)
     labels = None if regression else labels

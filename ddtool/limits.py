@@ -11,7 +11,12 @@ The estimates are lower bounds of what must be held at once:
   measured by building it on the meta device first (:func:`require_fits`);
 * distillation: the teacher's K*B stacked rows through its widest layer (twice: that layer's
   input and output, no gradients kept) plus the student's B rows through all of its layers (kept
-  for the backward pass), the per-input sizes measured by running both models once on two inputs.
+  for the backward pass), the per-input sizes measured by running both models once on two inputs;
+* predict and evaluate: the widest layer of each model, input and output at once, for the rows
+  one pass holds (``--batch-size``; MC_ROWS when evaluate samples masks).
+
+The layer sizes come from a pass on fake tensors at the real input shape (shapes only, nothing
+allocated), so measuring a pass that cannot fit never allocates it.
 """
 
 from __future__ import annotations
@@ -102,8 +107,40 @@ def tensor_bytes(shape, dtype: torch.dtype = torch.float32) -> int:
 @torch.no_grad()
 def layer_bytes(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     """(widest layer, all layers) output bytes per input row, measured on ``example``: the peak a
-    forward pass without gradients holds, and what one with gradients keeps."""
+    forward pass without gradients holds, and what one with gradients keeps.
+
+    The pass runs on fake tensors (shapes and dtypes only, no memory: an input of --size
+    20000,20000 is measured, not allocated); a model that cannot run so (a TorchScript archive,
+    an operator without a shape rule) is run for real on ``example``, which the caller keeps
+    small."""
     sizes: list[int] = []
+    try:
+        return _layer_bytes_fake(model, example, sizes)
+    except Exception:  # noqa: BLE001 - measured for real below
+        if sizes:  # it failed part way: what came before is held by the real pass too, before it fails
+            rows = max(1, example.shape[0])
+            return max(sizes) / rows, sum(sizes) / rows
+        return _layer_bytes(model, example, [])
+
+
+def _layer_bytes_fake(model: nn.Module, example: torch.Tensor, sizes: list[int]) -> tuple[float, float]:
+    import logging
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("a TorchScript module does not run on fake tensors")
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level, log.level = log.level, logging.CRITICAL + 1  # a model failing on fake inputs logs a traceback there
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            return _layer_bytes(model, mode.from_tensor(example), sizes)
+    finally:
+        log.setLevel(level)
+
+
+def _layer_bytes(model: nn.Module, example: torch.Tensor, sizes: list[int]) -> tuple[float, float]:
+    """Appends every module output's bytes to ``sizes`` as the pass goes."""
 
     def hook(_module, _args, out):
         for t in out if isinstance(out, (tuple, list)) else (out,):
@@ -122,6 +159,22 @@ def layer_bytes(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     rows = max(1, example.shape[0])
     sizes.append(example.numel() * example.element_size())
     return max(sizes) / rows, sum(sizes) / rows
+
+
+def check_forward(model: nn.Module, example: torch.Tensor, rows: int, what: str, advice: str,
+                  device: torch.device | str = "cpu") -> None:
+    """Refuse passes of ``rows`` inputs like ``example`` (one prepared input, batch axis kept)
+    whose widest layer, input and output at once (2 x its bytes per row), cannot fit. A model that
+    fails on ``example`` is left to fail in the real pass, with its own message."""
+    require(rows * tensor_bytes(example.shape[1:], example.dtype), what, advice, device)
+    from .dropout import deterministic
+
+    try:
+        with deterministic(model):
+            widest, _ = layer_bytes(model, example)
+    except Exception:  # noqa: BLE001 - the model's own failure is reported by the real pass
+        return
+    require(rows * 2 * widest, what, advice, device)
 
 
 def check_distill(teacher: nn.Module, student: nn.Module, example: torch.Tensor, batch_size: int,

@@ -45,11 +45,12 @@ from .errors import DataError, NoDropoutError, OutputError, UsageError
 from .evaluation import EvalReport, evaluate, plot
 from .exporting import SUFFIXES, ExportResult, export_loaded
 from .files import Outputs, check_output, check_output_folder, folder_lock, json_safe, protected_inputs
-from .limits import check_distill, require
+from .limits import check_distill, check_forward, require
 from .model import count_parameters, probe
 from .outputs import check_class_dim, check_classes
 from .parallel import World
 from .predict import load_predictor, parse_classes, predict, write_predictions
+from .text import trim
 
 #: The resumable state of an interrupted run, in the output folder.
 RESUME_NAME = "resume.pt"
@@ -432,8 +433,11 @@ def predict_folder(
             check_output(out, force)
         predictor = load_predictor(model, arch, arch_args, trust, select, names, **preprocess)
         inputs = read_folder(data, predictor.preprocess, labelled=False, follow_outside=follow_outside)
-        require(min(batch_size, len(inputs)) * inputs.x[:1].numel() * 4, f"--batch-size {batch_size} inputs",
-                "lower --batch-size")
+        rows = min(batch_size, len(inputs))
+        require(rows * inputs.x[:1].numel() * 4, f"--batch-size {batch_size} inputs", "lower --batch-size")
+        if predictor.model is not None:  # what its widest layer holds for a batch (onnxruntime: not known)
+            check_forward(predictor.model, predictor.preprocess.prepare(trim(inputs.x[:1])), rows,
+                          f"predicting {rows} inputs at a time", "lower --batch-size (or --size)")
         rows = predict(predictor, inputs, top_k, batch_size)
         if out is not None:
             write_predictions(rows, out, force)

@@ -38,6 +38,7 @@ class Predictor:
     classes: list[str] | None
     runtime: str  # "onnxruntime" or "pytorch"
     input_spec: dict | None = None
+    model: torch.nn.Module | None = None  # the PyTorch model behind ``probs`` (None: onnxruntime)
 
     @property
     def kind(self) -> str:
@@ -104,7 +105,7 @@ def load_predictor(
         return F.softmax(out, dim=1) if scores else out
 
     names = classes or loaded.classes or meta.get("ddtool.classes")
-    return Predictor(probs, pre, names, "pytorch", loaded.input_spec or meta.get("ddtool.input"))
+    return Predictor(probs, pre, names, "pytorch", loaded.input_spec or meta.get("ddtool.input"), model)
 
 
 def _with_channels(overrides: dict, channels) -> dict:

@@ -944,6 +944,22 @@ def test_a_memory_estimate_refuses_what_cannot_fit(world):
     world.expect_failure(args, 2, "memory")
 
 
+def test_a_forward_pass_that_cannot_fit_is_refused_before_it_runs(world, monkeypatch):
+    """predict and evaluate measure the widest layer at the real input size on fake tensors (no
+    memory): 64 channels x 512 x 512 floats is 64 MB a row, 24 rows at once, input and output,
+    3 GB; the inputs alone (1 MB a row) fit in the 100 MB left here."""
+    import ddtool.limits
+
+    torch.save(tiny_arch.wide().state_dict(), world.inp / "wide.pt")
+    wide = [world.inp / "wide.pt", "--arch", f"{TESTS / 'tiny_arch.py'}:wide", "--size", "512,512"]
+    monkeypatch.setattr(ddtool.limits, "available_bytes", lambda device="cpu": 100 << 20)
+    world.expect_failure(["predict", *wide, "--data", world.inp / "images"], 2, "predicting 24 inputs at a time needs")
+    world.expect_failure(["evaluate", *wide, "--data", world.labelled(), "--mc-samples", 2, "--no-timing"], 2,
+                         "evaluating")
+    monkeypatch.setattr(ddtool.limits, "available_bytes", lambda device="cpu": 2 << 30)
+    world.expect_success("predict", *wide, "--data", world.inp / "images", "--batch-size", 2)
+
+
 # --------------------------------------------------------------------------- nothing silent: non-finite results
 def test_a_model_giving_nan_is_never_a_result(world):
     (world.inp / "nan_arch.py").write_text(
@@ -1012,7 +1028,8 @@ AREAS = {
     "A real full disk": [test_a_full_disk_is_exit_6_with_nothing_left, test_a_full_disk_at_the_bundle_keeps_the_resumable_state],
     "Interruption and resume": [test_sigint_writes_a_resumable_checkpoint_a_second_run_is_refused_and_resume_finishes,
                                 test_sigkill_during_the_final_write_loses_nothing, test_resume_refuses_another_run],
-    "Option values and memory": [test_option_values_that_cannot_work, test_a_memory_estimate_refuses_what_cannot_fit],
+    "Option values and memory": [test_option_values_that_cannot_work, test_a_memory_estimate_refuses_what_cannot_fit,
+                                 test_a_forward_pass_that_cannot_fit_is_refused_before_it_runs],
     "Non-finite results": [test_a_model_giving_nan_is_never_a_result, test_a_student_that_went_non_finite_is_never_saved],
     "Smaller ones": [test_inspect_on_ddtools_own_torchscript_export, test_a_fifo_checkpoint_does_not_hang_and_errors_have_no_colour],
 }
