@@ -193,10 +193,28 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
     n_neg = positive.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
+    ranks = _ranks(scores)
+    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Ranks of ``scores`` (1 = lowest), tied scores sharing their average rank."""
     _, inverse, counts = torch.unique(scores.double().flatten(), return_inverse=True, return_counts=True)
     last = counts.cumsum(0).double()  # rank of the last member of each group of equal scores
-    ranks = (last - (counts.double() - 1) / 2)[inverse]
-    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+    return (last - (counts.double() - 1) / 2)[inverse]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson's correlation cov(a, b) / (sd(a) sd(b)) of two score vectors; None if one is constant."""
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    norm = a.norm() * b.norm()
+    return (a @ b / norm).item() if norm > 0 else None
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation: Pearson's of the average ranks (ties share their rank)."""
+    return pearson(_ranks(a), _ranks(b))
 
 
 def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor | None, regression: bool = False,
