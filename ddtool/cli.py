@@ -253,6 +253,10 @@ class DistillProgress:
             tried = ", ".join(f"{t['lr']:g}: {t['fidelity']:.4g}" for t in event["tried"])
             print(f"lr-find: base rate {event['lr']:g} (probe fidelity per rate: {tried})", file=sys.stderr, flush=True)
             return
+        if event["event"] == "mi_head":
+            print(f"mi-head: fitted on {event['inputs']} inputs; held-out squared error {event['held_out_mse']:.3g} "
+                  f"(a constant's: {event['constant_mse']:.3g})", file=sys.stderr, flush=True)
+            return
         if event["event"] == "epoch":
             if "fidelity" in event:
                 self.fidelity = f"{event['fidelity']:.4f}"
@@ -315,6 +319,7 @@ def distill(
     sample_drop_path: SampleDropPath = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")] = DistillConfig.device,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student (slow to start; the teacher samples eagerly).")] = False,
+    mi_head: Annotated[bool, typer.Option("--mi-head", help="Also fit a small head that predicts MC dropout's mutual information (epistemic uncertainty) per input in the same forward pass; stored in the bundle, exported as the output mutual_information.")] = DistillConfig.mi_head,
     workers: Annotated[Optional[int], typer.Option(min=0, max=64, help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
     cache_mb: Annotated[float, typer.Option(callback=_floats_in(0, 1e9), help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
@@ -332,7 +337,7 @@ def distill(
         momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
         class_dim=class_dim, perturb=perturb, flip=flip, perturb_tokens=perturb_tokens, val_fraction=val_fraction,
         patience=patience, seed=seed, output=parse_select(output), sample_drop_path=sample_drop_path, device=device,
-        compile=compile_model)
+        compile=compile_model, mi_head=mi_head)
     progress = DistillProgress()
     try:
         result = distill_to_folder(
@@ -361,6 +366,9 @@ def _report_distilled(result, as_json: bool) -> None:
     size_note = f"; {compression['student_parameters']:,} of {compression['teacher_parameters']:,} parameters" if compression else ""
     out.print(f"distilled {result.inputs} inputs x {len(result.history)} epochs; final loss {last['loss']:.4f}{fid}"
               f"{size_note}; wrote {result.bundle}")
+    if result.mi_head:
+        out.print(f"MI head on layer {result.mi_head['feature']!r}: held-out squared error {result.mi_head['held_out_mse']:.3g} "
+                  f"(a constant's: {result.mi_head['constant_mse']:.3g})")
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -36,7 +36,9 @@ that minimiser, so the squared error is taken on MI itself.
 student's features (the features are computed without gradient), with its own random stream:
 the student of a run with the head is bit-identical to the one without it. The head sees at
 most :data:`MI_INPUTS` inputs of S, unperturbed; a tenth of them is held out and the epoch of
-lowest held-out squared error is kept (:data:`HEAD_EPOCHS` of Adam).
+lowest held-out squared error is kept (:data:`HEAD_EPOCHS` of Adam). The head starts as the
+constant predictor of the mean target (last layer zero), and that start counts as an epoch: the
+kept head is never worse on the held-out inputs than a constant.
 
 Scope: classifiers with (N, C) outputs whose prediction is an nn.Linear's output (conv nets,
 MLPs, ViT-like image models ending in a linear head). Segmentation maps, regression outputs and
@@ -62,6 +64,7 @@ HEAD_HIDDEN = 64  # hidden units of the head
 HEAD_EPOCHS = 60  # Adam epochs over the cached features; the best held-out epoch is kept
 HEAD_BATCH = 256
 HEAD_LR = 1e-3
+MI_OUTPUT = "mutual_information"  # the head's output name in exports and predictions
 
 
 def mutual_information(probs: torch.Tensor, corrected: bool = False) -> torch.Tensor:
@@ -199,8 +202,12 @@ def fit_head(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head.net.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+    with torch.no_grad():  # start as the constant predictor s * softplus(log(e - 1)) = s, the mean target
+        head.net[2].weight.zero_()
+        head.net[2].bias.fill_(math.log(math.expm1(1.0)))
     opt = torch.optim.Adam(head.net.parameters(), lr=HEAD_LR)
-    best, best_state = math.inf, {k: v.clone() for k, v in head.state_dict().items()}
+    best = _mse(head, features[val], logits[val], targets[val]) if n_val else math.inf
+    best_state = {k: v.clone() for k, v in head.state_dict().items()}
     for _ in range(HEAD_EPOCHS):
         for idx in train[torch.randperm(len(train), generator=gen)].split(HEAD_BATCH):
             loss = F.mse_loss(head(features[idx], logits[idx]), targets[idx])
