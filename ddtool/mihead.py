@@ -127,7 +127,8 @@ def feature_point(model: nn.Module, example: torch.Tensor, select=None) -> str:
 
 class WithMI(nn.Module):
     """``student`` and its MI head as one module: x -> (prediction, mi_hat), for prediction and
-    export. A forward pre-hook keeps the input of the feature layer ``feature`` of the call."""
+    export. A forward pre-hook, present during the call only, keeps the input of the feature layer
+    ``feature``."""
 
     def __init__(self, student: nn.Module, head: MIHead, feature: str, select=None):
         super().__init__()
@@ -138,16 +139,16 @@ class WithMI(nn.Module):
             layer = None
         if not isinstance(layer, nn.Linear):
             raise UsageError(f"the MI head reads the input of the student's layer {feature!r}, which this model does not "
-                             "have as an nn.Linear (a code-free program): load the bundle with --arch FILE")
-        self._features: torch.Tensor | None = None
-        layer.register_forward_pre_hook(self._keep)
-
-    def _keep(self, _module, args):
-        self._features = args[0]
+                             "have as an nn.Linear: load the bundle with the --arch it was distilled with")
 
     def forward(self, x):
-        out = select_output(self.student(x), self.select)
-        return out, self.head(self._features, out)
+        kept = []
+        handle = self.student.get_submodule(self.feature).register_forward_pre_hook(lambda _m, args: kept.append(args[0]))
+        try:
+            out = select_output(self.student(x), self.select)
+        finally:
+            handle.remove()
+        return out, self.head(kept[-1], out)
 
 
 @dataclass
@@ -228,9 +229,10 @@ def _mse(head: MIHead, features, logits, targets) -> float:
 
 
 # --------------------------------------------------------------------------- the bundle's field
-def head_field(fit: HeadFit) -> dict:
-    """The MI head as a bundle field: plain tensors, strings and numbers (see ddtool.checkpoint)."""
-    return {**fit.head.spec(), "feature": fit.feature,
+def head_field(fit: HeadFit, output: str | int | None = None) -> dict:
+    """The MI head as a bundle field: plain tensors, strings and numbers (see ddtool.checkpoint);
+    ``output`` is the student's output the head reads (``--output``)."""
+    return {**fit.head.spec(), "feature": fit.feature, "output": output,
             "state_dict": {k: v.detach().cpu().clone() for k, v in fit.head.state_dict().items()},
             "fit": {k: v for k, v in fit.as_dict().items() if k not in ("feature", *fit.head.spec())}}
 
@@ -241,8 +243,11 @@ def valid_head_field(field: object) -> bool:
         return False
     sizes = [field.get(k) for k in ("in_features", "classes", "hidden")]
     state = field.get("state_dict")
+    program = field.get("program")
     return (all(isinstance(n, int) and 0 < n <= 1 << 24 for n in sizes) and isinstance(state, dict)
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()))
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+            and (program is None or isinstance(program, torch.Tensor) and program.dtype == torch.uint8)
+            and isinstance(field.get("output"), (str, int, type(None))))
 
 
 def head_from_field(field: dict) -> MIHead:
@@ -255,6 +260,11 @@ def head_from_field(field: dict) -> MIHead:
     return head.eval().requires_grad_(False)
 
 
-def with_mi(model: nn.Module, field: dict, select=None) -> WithMI:
-    """``model`` (a bundle's student) and the bundle's MI head as one module x -> (prediction, mi_hat)."""
-    return WithMI(model, head_from_field(field), field["feature"], select).eval()
+def with_mi(model: nn.Module, field: dict, select=None) -> nn.Module:
+    """``model`` (a bundle's student) and the bundle's MI head as one module x -> (prediction, mi_hat):
+    the code-free program of both that a bundle loaded without its architecture carries
+    (``field["module"]``, see ddtool.checkpoint), or the head attached to ``model``."""
+    if field.get("module") is not None:
+        return field["module"].eval()
+    output = select if select is not None else field.get("output")
+    return WithMI(model, head_from_field(field), field["feature"], output).eval()

@@ -320,7 +320,7 @@ def distill_to_folder(
                           "lr_search": result.lr_search, **compression}
             bundle = {"arch_ref": arch_ref, "preprocess": pre.as_dict(), "classes": names, "provenance": provenance,
                       "input_spec": input_spec(pre, train.sample(1)),
-                      "mi_head": head_field(result.mi_head) if result.mi_head else None}
+                      "mi_head": head_field(result.mi_head, config.output) if result.mi_head else None}
             exports = _write_results(paths, result, bundle, export, {"arch": student_arch or arch, "trust": trust},
                                      config.output, force)
     return FolderResult(str(paths["bundle"]), len(train), held_out, train.skipped, result.best_epoch,
