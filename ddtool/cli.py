@@ -239,6 +239,9 @@ def inspect(
 
 
 # ----------------------------------------------------------------------------- distill
+MIHeadOption = Annotated[bool, typer.Option("--mi-head", help="Also fit a small head that predicts MC dropout's mutual information (epistemic uncertainty) per input in the same forward pass; stored in the bundle, exported as the output mutual_information.")]
+
+
 class DistillProgress:
     """Progress on stderr: a rich bar (samples/s, loss, fidelity, ETA) on a terminal, else one
     plain line per epoch. The bar starts at the first finished step, so an early error prints
@@ -316,10 +319,9 @@ def distill(
     patience: Annotated[int, typer.Option(min=0, max=100_000, help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
     seed: Seed = DistillConfig.seed,
     output: Output = None,
-    sample_drop_path: SampleDropPath = False,
+    sample_drop_path: SampleDropPath = False, mi_head: MIHeadOption = DistillConfig.mi_head,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")] = DistillConfig.device,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student (slow to start; the teacher samples eagerly).")] = False,
-    mi_head: Annotated[bool, typer.Option("--mi-head", help="Also fit a small head that predicts MC dropout's mutual information (epistemic uncertainty) per input in the same forward pass; stored in the bundle, exported as the output mutual_information.")] = DistillConfig.mi_head,
     workers: Annotated[Optional[int], typer.Option(min=0, max=64, help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
     cache_mb: Annotated[float, typer.Option(callback=_floats_in(0, 1e9), help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
@@ -418,8 +420,7 @@ def evaluate(
         columns = [c for c in columns if c[1] not in ("error", "nll", "ece", "auroc_error")]
     if not report.ood_inputs:
         columns = [c for c in columns if c[1] != "auroc_ood"]
-    if not timing:
-        columns = [c for c in columns if c[1] != "latency_ms"]
+    columns = [c for c in columns if c[1] != "latency_ms"] if not timing else columns
     embedding = all(r.kl_to_mc is None for r in report.results)  # embeddings: MSE and cosine, else KL and agreement
     columns = [c for c in columns if c[1] not in (("kl_to_mc", "agreement") if embedding else ("mse_to_mc", "cosine_to_mc"))]
     for title, *_ in columns:
@@ -433,6 +434,21 @@ def evaluate(
                 cell += f" ± {format(scale * r.std[key], spec)}"
             row.append(cell)
         table.add_row(*row)
+    out.print(table)
+    _print_mi(report.mutual_information, mc_samples)
+
+
+def _print_mi(heads: dict, mc_samples: int) -> None:
+    """The MI heads' agreement with MC dropout's mutual information (evaluate's second table)."""
+    if not heads:
+        return
+    ood = any("auroc_ood_head" in h for h in heads.values())
+    table = Table(title=f"MI head vs MC dropout's mutual information (m={mc_samples})")
+    for title in ["model", "Pearson", "Spearman", "mean MI head", "mean MI MC"] + ["AUROC OOD head", "AUROC OOD MC MI"] * ood:
+        table.add_column(title, justify="left" if title == "model" else "right")
+    for name, h in heads.items():
+        keys = ["pearson", "spearman", "mean_head", "mean_mc"] + ["auroc_ood_head", "auroc_ood_mc"] * ood
+        table.add_row(name, *(_fmt(h.get(k), ".4f" if k.startswith("mean") else ".3f") for k in keys))
     out.print(table)
 
 

@@ -56,6 +56,7 @@ from torch import nn
 
 from .dropout import deterministic
 from .errors import UsageError
+from .mc import MCSampler
 from .outputs import select_output
 
 MI_SAMPLES = 16  # masks per input for the head's target (bias-corrected, see the module docstring)
@@ -65,6 +66,7 @@ HEAD_EPOCHS = 60  # Adam epochs over the cached features; the best held-out epoc
 HEAD_BATCH = 256
 HEAD_LR = 1e-3
 MI_OUTPUT = "mutual_information"  # the head's output name in exports and predictions
+MI_ROWS = 4096  # stacked rows per pass when MC's mutual information is measured (evaluate)
 
 
 def mutual_information(probs: torch.Tensor, corrected: bool = False) -> torch.Tensor:
@@ -268,3 +270,20 @@ def with_mi(model: nn.Module, field: dict, select=None) -> nn.Module:
         return field["module"].eval()
     output = select if select is not None else field.get("output")
     return WithMI(model, head_from_field(field), field["feature"], output).eval()
+
+
+# --------------------------------------------------------------------------- measuring
+@torch.no_grad()
+def mc_mutual_information(model: nn.Module, x: torch.Tensor, samples: int, select=None, plan=None,
+                          sample_drop_path: bool = False) -> torch.Tensor:
+    """MC dropout's MI_m per input of ``x`` from ``samples`` masks: the plug-in estimate (not
+    corrected), the number MC dropout itself reports. Masks come from torch's generator."""
+    sampler = MCSampler(model, x[:2], select=select, sample_drop_path=sample_drop_path, plan=plan)
+    chunks = x.split(max(1, MI_ROWS // samples))
+    return torch.cat([mutual_information(F.softmax(sampler.outputs(c, samples).float(), dim=-1)) for c in chunks])
+
+
+@torch.no_grad()
+def head_values(both: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The MI head's value per input of ``x``, from a module x -> (prediction, mi_hat) (:func:`with_mi`)."""
+    return torch.cat([both(chunk)[1].float() for chunk in x.split(batch_size)])

@@ -46,7 +46,7 @@ from .evaluation import EvalReport, evaluate, plot
 from .exporting import SUFFIXES, ExportResult, export_loaded
 from .files import Outputs, check_output, check_output_folder, folder_lock, json_safe, protected_inputs
 from .limits import check_distill, require
-from .mihead import head_field
+from .mihead import head_field, with_mi
 from .model import count_parameters, probe
 from .outputs import check_class_dim, check_classes
 from .parallel import World
@@ -382,7 +382,8 @@ def evaluate_folder(
                           {k: v.model for k, v in students.items()}, mc_samples=mc_samples, batch_size=batch_size,
                           seed=seed, select=select, sample_drop_path=sample_drop_path, repeats=repeats, timing=timing,
                           class_dim=class_dim, classes=names, regression=kind not in (None, "logits"),
-                          ood=None if ood is None else read_folder(ood, pre, labelled=False, follow_outside=follow_outside))
+                          ood=None if ood is None else read_folder(ood, pre, labelled=False, follow_outside=follow_outside),
+                          mi_heads={k: with_mi(v.model, v.mi_head, select) for k, v in students.items() if v.mi_head})
         if plot_to is not None:
             plot(report, plot_to, force=force)
     return report
