@@ -338,8 +338,7 @@ def export(
     script: bool = False,
     metadata: dict | None = None,
     outputs: Outputs | None = None,
-    text: dict | None = None,
-    mi_head: dict | None = None,
+    text: dict | None = None, mi_head: dict | None = None,
 ) -> ExportResult:
     """Export ``model`` (in eval mode) to ``out`` and verify it; ``input_shape`` excludes the batch.
 
@@ -348,8 +347,7 @@ def export(
     is staged there, to be moved into place with the rest of a set of outputs. ``text`` (a text
     model's settings, :func:`ddtool.text.text_settings`): ONNX gets the named inputs
     input_ids, attention_mask (and token_type_ids), batch and sequence axes dynamic; the other
-    formats take the stacked (N, K, L) tensor. ``mi_head`` (a bundle's MI head field) adds the
-    output ``mutual_information``, the head's MI per input, checked like the others.
+    formats take the stacked (N, K, L) tensor. ``mi_head`` (a bundle's MI head) adds the output mutual_information.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
