@@ -1,7 +1,8 @@
 """The MI head (``--mi-head``) on the Fashion-MNIST panel: does one forward pass give MC dropout's
 epistemic uncertainty?
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mi_head.py --teachers t10 t9 --seeds 0
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mi_head.py --teachers t10 t9 --seeds 0 1 2
+    .venv/bin/python benchmarks/mi_head.py --report      # the table of BENCHMARKS.md
 
 For each teacher of benchmarks/teachers.py (trained first by that script) and seed, ddtool's API
 distills the teacher with the defaults and ``mi_head=True`` on the first ``--s-size`` training
@@ -101,13 +102,45 @@ def run_one(name: str, seed: int, s_x, test_x, ood_x, labels) -> dict:
                           "student_entropy": ood(ent, entropy(probs_ood))}}
 
 
+def report() -> str:
+    """The markdown table of mi_head.json: per teacher, mean ± std over seeds."""
+    from common import fmt as fmt_seeds
+
+    def fmt(values, spec=".3f"):
+        return fmt_seeds(values, spec) if len(values) > 1 else format(values[0], spec)
+
+    rows = json.loads((RESULTS / "mi_head.json").read_text())["rows"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["teacher"], r["s_size"]), []).append(r)
+    lines = ["| teacher | seeds | Pearson: head / student entropy | Spearman: head / student entropy | "
+             "OOD AUROC: head MI / MC-100 MI / MC-100 entropy / student entropy | mean MI: head / MC-100 | "
+             "held-out MSE: head / constant (x1e-3) | head fit s / distill s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (name, _), rs in groups.items():
+        col = lambda key: [r[key] for r in rs]  # noqa: E731
+        ood = lambda key: [r["ood_auroc"][key] for r in rs]  # noqa: E731
+        head = lambda key, scale=1: [scale * r["head"][key] for r in rs]  # noqa: E731
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {fmt(col('pearson_head'))} / "
+                     f"{fmt(col('pearson_student_entropy'))} | {fmt(col('spearman_head'))} / {fmt(col('spearman_student_entropy'))} | "
+                     f"{fmt(ood('head_mi'))} / {fmt(ood('mc100_mi'))} / {fmt(ood('mc100_entropy'))} / "
+                     f"{fmt(ood('student_entropy'))} | {fmt(col('mean_mi_head'), '.4f')} / {rs[0]['mean_mi_mc100']:.4f} | "
+                     f"{fmt(head('held_out_mse', 1e3), '.2f')} / {fmt(head('constant_mse', 1e3), '.2f')} | "
+                     f"{fmt(head('seconds'), '.0f')} / {fmt(col('distill_seconds'), '.0f')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", nargs="+", default=["t10", "t9"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--s-size", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", action="store_true", help="print the table of mi_head.json and stop")
     args = ap.parse_args()
+    if args.report:
+        print(report())
+        return
     torch.set_num_threads(args.threads)
     train_images, _ = fashion_mnist.load("train")
     test_images, labels = fashion_mnist.load("test")
