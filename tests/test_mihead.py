@@ -170,3 +170,14 @@ def test_a_damaged_head_field_is_refused():
     assert not valid_head_field({**good, "in_features": "16"})
     assert not valid_head_field({**good, "state_dict": {"w": [0.0]}})
     assert not valid_head_field({**good, "program": torch.zeros(3)})  # a program is bytes (uint8)
+
+
+def test_a_resumed_run_may_add_the_head(tmp_path, fitted):
+    """The head is fitted after the run: --resume with --mi-head is the same run, and gives the same student."""
+    teacher, _ = fitted
+    state = tmp_path / "resume.pt"
+    first = distill(teacher, inputs(64, 0), PRE, DistillConfig(epochs=1), checkpoint=state, keep_checkpoint=True)
+    again = distill(teacher, inputs(64, 0), PRE, DistillConfig(epochs=1, mi_head=True), checkpoint=state, resume=True)
+    assert first.mi_head is None and again.mi_head is not None
+    a, b = first.student.state_dict(), again.student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
