@@ -70,6 +70,7 @@ from .data import Preprocess, spec_example
 from .dropout import program_running_stats, program_sites, program_switches
 from .errors import CheckpointError, UsageError, first_line
 from .files import Outputs, is_regular_file, sha256, to_bytes, write_bytes
+from .mihead import valid_head_field, with_mi
 from .model import nonfinite_weights
 from .version import __version__
 
@@ -99,6 +100,7 @@ class LoadedModel:
     example: Any = None  # an input the format itself provides (HF dummy inputs, .pt2 sample inputs)
     input_spec: dict | None = None  # {"shape", "dtype"} of the model input, recorded in bundles
     classes: list[str] | None = None  # class names, recorded in bundles
+    mi_head: dict | None = None  # a bundle's MI head (ddtool.mihead.head_field), if it was distilled with one
 
     @property
     def arch(self) -> str:
@@ -766,6 +768,8 @@ def _check_bundle(obj: dict, path: Path) -> None:
             raise bad("preprocess") from None
     if obj.get("program") is not None and not (isinstance(obj["program"], torch.Tensor) and obj["program"].dtype == torch.uint8):
         raise bad("program")
+    if obj.get("mi_head") is not None and not valid_head_field(obj["mi_head"]):
+        raise bad("mi_head")
 
 
 def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, trust: bool) -> LoadedModel:
@@ -796,8 +800,30 @@ def _load_bundle(obj: dict, path: Path, digest: str, arch: str | None, trust: bo
         load_state_dict_into(model, obj["state_dict"], ref.get("spec") or ref.get("kind"))
     spec = obj.get("input")
     example = spec_example(spec) if spec else None
+    mi_head = _load_mi_program(obj, path) if ref.get("kind") == "torch-export" else obj.get("mi_head")
     return LoadedModel(model.eval(), "ddtool-bundle", path, digest, arch_ref=ref, preprocess=obj.get("preprocess"),
-                       provenance=obj.get("provenance"), example=example, input_spec=spec, classes=obj.get("classes"))
+                       provenance=obj.get("provenance"), example=example, input_spec=spec, classes=obj.get("classes"),
+                       mi_head=mi_head)
+
+
+def _mi_program(model: nn.Module, mi_head: dict, input_spec: dict | None) -> dict:
+    """{"program": the torch.export archive of the student with its MI head}, or {} if it does not trace."""
+    data, _ = program_bytes(with_mi(model, mi_head), input_spec)
+    return {"program": _bytes_tensor(data)} if data is not None else {}
+
+
+def _load_mi_program(obj: dict, path: Path) -> dict | None:
+    """A bundle's MI head field, with the code-free program of student and head loaded as
+    ``module`` when the student itself is loaded from its program (see ddtool.mihead.with_mi)."""
+    field = obj.get("mi_head")
+    if not field or field.get("program") is None:
+        return field
+    module, _ = _load_exported(io.BytesIO(_tensor_bytes(field["program"])), f"the MI head's program in {path}", False,
+                               require_dropout_ops=False)
+    state = {**{f"student.{k}": v for k, v in obj["state_dict"].items()},
+             **{f"head.{k}": v for k, v in field["state_dict"].items()}}
+    load_state_dict_into(module.program, state, "the bundle's program with its MI head")
+    return {**field, "module": module}
 
 
 def bundle_bytes(
@@ -809,12 +835,14 @@ def bundle_bytes(
     classes: list[str] | None = None,
     provenance: dict | None = None,
     program: bool = True,
+    mi_head: dict | None = None,
 ) -> bytes:
     """``model`` as a ddtool bundle, serialized in memory (see :func:`save_bundle`).
 
     When the architecture is Python code (a factory), a torch.export program of the model is
     stored too (``program``), so that using the bundle needs no code; if torch.export cannot
-    trace the model, a note says that using the bundle will need ``--arch``.
+    trace the model, a note says that using the bundle will need ``--arch``. ``mi_head`` is the
+    MI head's field (:func:`ddtool.mihead.head_field`), stored only when given.
     """
     bundle = {
         BUNDLE_KEY: BUNDLE_VERSION,
@@ -829,6 +857,8 @@ def bundle_bytes(
             **(provenance or {}),
         },
     }
+    if mi_head is not None:
+        bundle["mi_head"] = mi_head
     factory = factory_of(arch_ref)
     if program and factory is not None:
         data, why = program_bytes(model, input_spec)
@@ -837,6 +867,8 @@ def bundle_bytes(
                   f"--arch {factory.get('spec')}", file=sys.stderr)
         else:
             bundle["program"] = _bytes_tensor(data)
+            if mi_head is not None:  # the student with its MI head, code-free too
+                bundle["mi_head"] = {**mi_head, **_mi_program(model, mi_head, input_spec)}
     return to_bytes(lambda buffer: torch.save(bundle, buffer))
 
 

@@ -239,6 +239,9 @@ def inspect(
 
 
 # ----------------------------------------------------------------------------- distill
+MIHeadOption = Annotated[bool, typer.Option("--mi-head", help="Also fit a small head that predicts MC dropout's mutual information (epistemic uncertainty) per input in the same forward pass; stored in the bundle, exported as the output mutual_information.")]
+
+
 class DistillProgress:
     """Progress on stderr: a rich bar (samples/s, loss, fidelity, ETA) on a terminal, else one
     plain line per epoch. The bar starts at the first finished step, so an early error prints
@@ -252,6 +255,10 @@ class DistillProgress:
         if event["event"] == "lr_find":
             tried = ", ".join(f"{t['lr']:g}: {t['fidelity']:.4g}" for t in event["tried"])
             print(f"lr-find: base rate {event['lr']:g} (probe fidelity per rate: {tried})", file=sys.stderr, flush=True)
+            return
+        if event["event"] == "mi_head":
+            print(f"mi-head: fitted on {event['inputs']} inputs; held-out squared error {event['held_out_mse']:.3g} "
+                  f"(a constant's: {event['constant_mse']:.3g})", file=sys.stderr, flush=True)
             return
         if event["event"] == "epoch":
             if "fidelity" in event:
@@ -312,7 +319,7 @@ def distill(
     patience: Annotated[int, typer.Option(min=0, max=100_000, help="Stop after this many epochs without better fidelity, keeping the best; 0 = never.")] = DistillConfig.patience,
     seed: Seed = DistillConfig.seed,
     output: Output = None,
-    sample_drop_path: SampleDropPath = False,
+    sample_drop_path: SampleDropPath = False, mi_head: MIHeadOption = DistillConfig.mi_head,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")] = DistillConfig.device,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the student (slow to start; the teacher samples eagerly).")] = False,
     workers: Annotated[Optional[int], typer.Option(min=0, max=64, help="DataLoader worker processes for decoding. Default: cores - 1, at most 8.")] = None,
@@ -332,7 +339,7 @@ def distill(
         momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, teacher_samples=teacher_samples, loss=loss,
         class_dim=class_dim, perturb=perturb, flip=flip, perturb_tokens=perturb_tokens, val_fraction=val_fraction,
         patience=patience, seed=seed, output=parse_select(output), sample_drop_path=sample_drop_path, device=device,
-        compile=compile_model)
+        compile=compile_model, mi_head=mi_head)
     progress = DistillProgress()
     try:
         result = distill_to_folder(
@@ -361,6 +368,9 @@ def _report_distilled(result, as_json: bool) -> None:
     size_note = f"; {compression['student_parameters']:,} of {compression['teacher_parameters']:,} parameters" if compression else ""
     out.print(f"distilled {result.inputs} inputs x {len(result.history)} epochs; final loss {last['loss']:.4f}{fid}"
               f"{size_note}; wrote {result.bundle}")
+    if result.mi_head:
+        out.print(f"MI head on layer {result.mi_head['feature']!r}: held-out squared error {result.mi_head['held_out_mse']:.3g} "
+                  f"(a constant's: {result.mi_head['constant_mse']:.3g})")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -410,8 +420,7 @@ def evaluate(
         columns = [c for c in columns if c[1] not in ("error", "nll", "ece", "auroc_error")]
     if not report.ood_inputs:
         columns = [c for c in columns if c[1] != "auroc_ood"]
-    if not timing:
-        columns = [c for c in columns if c[1] != "latency_ms"]
+    columns = [c for c in columns if c[1] != "latency_ms"] if not timing else columns
     embedding = all(r.kl_to_mc is None for r in report.results)  # embeddings: MSE and cosine, else KL and agreement
     columns = [c for c in columns if c[1] not in (("kl_to_mc", "agreement") if embedding else ("mse_to_mc", "cosine_to_mc"))]
     for title, *_ in columns:
@@ -425,6 +434,21 @@ def evaluate(
                 cell += f" ± {format(scale * r.std[key], spec)}"
             row.append(cell)
         table.add_row(*row)
+    out.print(table)
+    _print_mi(report.mutual_information, mc_samples)
+
+
+def _print_mi(heads: dict, mc_samples: int) -> None:
+    """The MI heads' agreement with MC dropout's mutual information (evaluate's second table)."""
+    if not heads:
+        return
+    ood = any("auroc_ood_head" in h for h in heads.values())
+    table = Table(title=f"MI head vs MC dropout's mutual information (m={mc_samples})")
+    for title in ["model", "Pearson", "Spearman", "mean MI head", "mean MI MC"] + ["AUROC OOD head", "AUROC OOD MC MI"] * ood:
+        table.add_column(title, justify="left" if title == "model" else "right")
+    for name, h in heads.items():
+        keys = ["pearson", "spearman", "mean_head", "mean_mc"] + ["auroc_ood_head", "auroc_ood_mc"] * ood
+        table.add_row(name, *(_fmt(h.get(k), ".4f" if k.startswith("mean") else ".3f") for k in keys))
     out.print(table)
 
 

@@ -46,6 +46,7 @@ from .dropout import check_dropout, deterministic
 from . import parallel
 from .errors import DDToolError, ModelError, UsageError, first_line
 from .mc import MCSampler
+from .mihead import MI_INPUTS, HeadFit, feature_point, fit_head, head_data
 from .model import clone_model, freeze, nonfinite_weights, probe, uses_channels_last
 from .outputs import check_class_dim, select_output
 from .parallel import SINGLE, World
@@ -88,6 +89,7 @@ class DistillConfig:
     share_prefix: bool = True  # run the teacher's deterministic prefix once for all K samples
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     compile: bool = False  # torch.compile the student (the teacher samples under a TorchFunctionMode: eager)
+    mi_head: bool = False  # also fit a head predicting the MC mutual information (ddtool.mihead), after the run
 
     def __post_init__(self):
         checks = {
@@ -103,6 +105,8 @@ class DistillConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise UsageError(f"invalid distillation setting: {bad[0]}={getattr(self, bad[0])!r}")
+        if self.mi_head and self.loss != "kl":
+            raise UsageError("--mi-head applies to classifiers (--loss kl): the mutual information is a split of class entropy")
         if self.patience and not self.val_fraction:
             raise UsageError("--patience needs --val-fraction: early stopping watches the held-out fidelity")
 
@@ -120,6 +124,7 @@ class DistillResult:
     shared_prefix: bool = False  # whether the teacher's deterministic prefix was computed once
     lr: float | None = None  # the base rate used (the range test's choice with lr_find)
     lr_search: list[dict] = field(default_factory=list)  # with lr_find: each rate tried and its probe fidelity
+    mi_head: HeadFit | None = None  # with config.mi_head: the fitted MI head (ddtool.mihead)
 
 
 # --------------------------------------------------------------------------- losses
@@ -667,6 +672,8 @@ def distill(
     checkpoint = Path(checkpoint) if checkpoint else None
     with parallel.process_group(world, device):
         run = _set_up(model, data, preprocess, config, val, student, world, device)
+        if config.mi_head:  # refused now, not after the run
+            _mi_head_applies(run)
         if checkpoint is not None:  # what makes a resumed run the same run
             fingerprint = {"teacher": teacher_sha256, "inputs": run.data.fingerprint(), **(fingerprint or {})}
         state = _start(run, checkpoint, resume, fingerprint or {})
@@ -675,7 +682,42 @@ def distill(
             if progress:
                 progress({"event": "lr_find", "lr": state.lr, "tried": state.lr_search})
         state = _loop(run, state, progress, checkpoint, fingerprint or {})
-        return _finish(run, state, checkpoint, keep_checkpoint)
+        result = _finish(run, state, checkpoint, keep_checkpoint)
+        if config.mi_head:
+            result.mi_head = _fit_mi_head(run, result.student, progress)
+        return result
+
+
+# --------------------------------------------------------------------------- the MI head
+def _mi_head_applies(run: _Run) -> None:
+    """Refuse ``mi_head`` where it does not apply: text models, several processes, or a student
+    whose prediction is not an nn.Linear's output (:func:`ddtool.mihead.feature_point`)."""
+    if run.preprocess.text:
+        raise UsageError("--mi-head applies to image and tensor classifiers; text models are not supported")
+    if run.world.distributed:
+        raise UsageError("--mi-head runs in a single process; distill without torchrun to fit it")
+    feature_point(run.student, run.example.to(run.device), run.config.output)
+
+
+def _fit_mi_head(run: _Run, student: nn.Module, progress) -> HeadFit:
+    """Fit the MI head of ``ddtool.mihead`` on the finished ``student``: its features and the
+    teacher's bias-corrected MC mutual information on at most ``MI_INPUTS`` unperturbed inputs
+    of S, in a random stream of its own (the student is not changed)."""
+    start, config = time.perf_counter(), run.config
+    student = student.to(run.device)
+    feature = feature_point(student, run.example.to(run.device), config.output)
+    positions = _epoch_order(len(run.data), config.seed, -2)[:MI_INPUTS]
+    batches = (run.preprocess.prepare(raw) for raw in run.data.batches(positions, 256, run.device))
+    cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(config.seed + 3)
+        features, logits, targets = head_data(student, run.sampler, batches, feature, config.output)
+    student.cpu()
+    fit = fit_head(features, logits, targets, feature, config.seed)
+    fit.seconds = time.perf_counter() - start
+    if progress:
+        progress({"event": "mi_head", **fit.as_dict()})
+    return fit
 
 
 def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, fingerprint: dict) -> RunState:

@@ -17,7 +17,13 @@ H(q(x)) = -sum_c q_c(x) log q_c(x) (for MC dropout, of the MC average):
     OOD AUROC               = P(H(q(x_ood))   > H(q(x_in)))       (given a folder of other inputs)
 
 the rank (Mann-Whitney) form of the area under the ROC curve, ties counted one half: 1 is a
-perfect ranking, 0.5 chance.
+perfect ranking, 0.5 chance. A distilled bundle with an MI head (``distill --mi-head``) is also
+compared with MC dropout's epistemic part, its mutual information over the m masks,
+
+    MI_m(x) = H(1/m sum_k p_k(x)) - 1/m sum_k H(p_k(x)),
+
+by Pearson's and Spearman's correlation of the head's one-pass MI with MI_m over the inputs, and
+by the OOD AUROC of each (see :func:`_mi_columns`).
 
 A model whose output is not a distribution (an embedding: ``regression``) is compared with the
 MC-average output f_mc instead, row by row (a row is an input's embedding, or one token's):
@@ -48,6 +54,7 @@ from .errors import DataError, ModelError, UsageError
 from .files import to_bytes, write_bytes
 from .limits import check_forward, require
 from .mc import MC_ROWS, MCSampler, probabilities
+from .mihead import head_values, mc_mutual_information
 from .model import count_parameters, fast_layout, probe
 from .outputs import check_class_dim, select_output
 
@@ -89,9 +96,13 @@ class EvalReport:
     results: list[MethodResult] = field(default_factory=list)
     unused: list[dict] = field(default_factory=list)  # entries of the folder not used, with the reason
     notes: list[dict] = field(default_factory=list)  # inputs used only in part (an animation's first frame)
+    mutual_information: dict = field(default_factory=dict)  # per distilled model with an MI head (see _mi_columns)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.mutual_information:  # no MI head: the report as before
+            del out["mutual_information"]
+        return out
 
 
 # --------------------------------------------------------------------------- predictions
@@ -193,10 +204,28 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
     n_neg = positive.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
+    ranks = _ranks(scores)
+    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Ranks of ``scores`` (1 = lowest), tied scores sharing their average rank."""
     _, inverse, counts = torch.unique(scores.double().flatten(), return_inverse=True, return_counts=True)
     last = counts.cumsum(0).double()  # rank of the last member of each group of equal scores
-    ranks = (last - (counts.double() - 1) / 2)[inverse]
-    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+    return (last - (counts.double() - 1) / 2)[inverse]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson's correlation cov(a, b) / (sd(a) sd(b)) of two score vectors; None if one is constant."""
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    norm = a.norm() * b.norm()
+    return (a @ b / norm).item() if norm > 0 else None
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation: Pearson's of the average ranks (ties share their rank)."""
+    return pearson(_ranks(a), _ranks(b))
 
 
 def metrics(probs: torch.Tensor, ref: torch.Tensor | None, labels: torch.Tensor | None, regression: bool = False,
@@ -309,7 +338,7 @@ def evaluate(
     select: str | int | None = None, sample_drop_path: bool = False,
     repeats: int = 1, timing: bool = True,
     class_dim: int = 1, classes: list[str] | None = None,
-    regression: bool = False, ood: Inputs | None = None,
+    regression: bool = False, ood: Inputs | None = None, mi_heads: dict[str, nn.Module] | None = None,
 ) -> EvalReport:
     """Compare the teacher's standard and MC dropout with each model of ``distilled`` on ``inputs``.
 
@@ -321,7 +350,7 @@ def evaluate(
     the batch-1 latency runs. ``regression``: embeddings, compared with the MC-average output
     in MSE and cosine (``class_dim``: the embedding axis; labels unused). ``ood``, inputs from
     another distribution, adds each method's OOD-detection AUROC (its predictive entropy there
-    against on ``inputs``).
+    against on ``inputs``). ``mi_heads`` (name -> ddtool.mihead.with_mi) adds :func:`_mi_columns`.
     """
     models = {"standard": teacher, **(distilled or {})}
     x = _check_passes(models, inputs, preprocess, batch_size, mc_samples)
@@ -350,15 +379,38 @@ def evaluate(
                     runs[name][0].update(entry)
                 else:
                     runs[name].append(entry)
+        mi = _mi_columns(teacher, mi_heads, x, ood_x, mc_samples, seed, select, sample_drop_path, plan) if mi_heads else {}
     report = EvalReport(inputs=len(x), labelled=labels is not None, mc_samples=mc_samples, repeats=repeats,
-                        positions=positions, unused=[u.as_dict() for u in inputs.unused],
+                        positions=positions, unused=[u.as_dict() for u in inputs.unused], mutual_information=mi,
                         notes=[u.as_dict() for u in inputs.notes], ood_inputs=0 if ood is None else len(ood))
     count = {name: count_parameters(m) for name, m in models.items()}
-    report.results.append(_summarise("standard", runs["standard"], count["standard"], 1))
-    report.results.append(_summarise(f"mc-{mc_samples}", runs["mc"], count["standard"], mc_samples))
-    for name in distilled or {}:
-        report.results.append(_summarise(name, runs[name], count[name], 1))
+    for name, method, passes in [("standard", "standard", 1), ("mc", f"mc-{mc_samples}", mc_samples),
+                                 *((n, n, 1) for n in distilled or {})]:
+        report.results.append(_summarise(method, runs[name], count.get(name, count["standard"]), passes))
     return report
+
+
+def _mi_columns(teacher: nn.Module, heads: dict[str, nn.Module], x, ood_x, mc_samples: int, seed: int, select,
+                sample_drop_path: bool, plan) -> dict:
+    """For each distilled model with an MI head: how its one-pass MI (ddtool.mihead) follows MC
+    dropout's, MI_m(x) = H(mean_k p_k) - mean_k H(p_k) over ``mc_samples`` masks (seed ``seed``):
+    Pearson's and Spearman's correlation over the inputs, the means, and, with OOD inputs, the OOD
+    AUROC of the head's MI and of MC's MI (the score separating OOD inputs from the others)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mc = mc_mutual_information(teacher, x, mc_samples, select, plan, sample_drop_path)
+        mc_ood = None if ood_x is None else mc_mutual_information(teacher, ood_x, mc_samples, select, plan, sample_drop_path)
+    out = {}
+    for name, both in heads.items():
+        mi = head_values(both, x)
+        entry = {"mean_head": mi.mean().item(), "mean_mc": mc.mean().item(), "pearson": pearson(mi, mc),
+                 "spearman": spearman(mi, mc)}
+        if ood_x is not None:
+            is_ood = torch.arange(len(x) + len(ood_x)) >= len(x)
+            entry["auroc_ood_head"] = auroc(torch.cat([mi, head_values(both, ood_x)]), is_ood)
+            entry["auroc_ood_mc"] = auroc(torch.cat([mc, mc_ood]), is_ood)
+        out[name] = entry
+    return out
 
 
 def plot(report: EvalReport, path, force: bool = False) -> None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import ExportError, UsageError, first_line
 from .files import Outputs, to_bytes
+from .mihead import MI_OUTPUT, with_mi
 from .model import probe
 from .outputs import check_classes, select_output
 
@@ -69,17 +70,28 @@ class ExportResult:
 
 class Servable(nn.Module):
     """The model as it is served: one tensor in, its prediction out, and optionally the
-    class probabilities (softmax along ``class_dim``) as a second output."""
+    class probabilities (softmax along ``class_dim``) as a second output, and the MI head's
+    value (``mi_head``, a bundle's field: see ddtool.mihead) as the last."""
 
-    def __init__(self, model: nn.Module, select=None, probabilities: bool = False, class_dim: int = 1):
+    def __init__(self, model: nn.Module, select=None, probabilities: bool = False, class_dim: int = 1,
+                 mi_head: dict | None = None):
         super().__init__()
         self.model, self.select, self.probabilities, self.class_dim = model, select, probabilities, class_dim
+        self.mi = with_mi(model, mi_head, select) if mi_head else None
 
     def forward(self, x):
-        logits = select_output(self.model(x), self.select)
-        if self.probabilities:
-            return logits, F.softmax(logits, dim=self.class_dim)
-        return logits
+        if self.mi is not None:
+            logits, mi = self.mi(x)
+        else:
+            logits, mi = select_output(self.model(x), self.select), None
+        out = (logits, F.softmax(logits, dim=self.class_dim)) if self.probabilities else (logits,)
+        out = out if mi is None else (*out, mi)
+        return out if len(out) > 1 else out[0]
+
+    @property
+    def names(self) -> list[str]:
+        """The outputs' names, in order (ONNX's output names)."""
+        return ["logits"] + ["probabilities"] * self.probabilities + [MI_OUTPUT] * (self.mi is not None)
 
 
 class TextServable(nn.Module):
@@ -158,7 +170,7 @@ def _export_onnx(model: nn.Module, out: Path, outputs: Outputs, example, inputs,
     import onnx
     import onnxruntime as ort
 
-    names = ["logits", "probabilities"] if model.probabilities else ["logits"]
+    names = model.names
     try:
         with quiet_fds():
             program = torch.onnx.export(
@@ -234,8 +246,9 @@ def _torchscript(model: nn.Module, example, opts: dict, script: bool) -> tuple[b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
             if script:
-                if model.probabilities or model.select is not None:
-                    raise ExportError("--script exports the model as it is: drop --probabilities and --output")
+                if model.probabilities or model.select is not None or model.mi is not None:
+                    raise ExportError("--script exports the model as it is: drop --probabilities and --output "
+                                      "(a bundle with an MI head is traced, not scripted)")
                 compiled = torch.jit.script(model.model)
             else:
                 compiled = torch.jit.trace(model, example, check_trace=False)
@@ -279,7 +292,7 @@ def _export_torchscript(model: nn.Module, out: Path, outputs: Outputs, example, 
         if not fixed:
             raise
         why = f"tracing fixed the batch size at {example.shape[0]}: {fixed}"
-        if model.probabilities or model.select is not None:
+        if model.probabilities or model.select is not None or model.mi is not None:
             raise ExportError(f"TorchScript export failed: {why}; export without --probabilities and --output (it is then "
                               "scripted), or to onnx or pt2; nothing written") from None
         try:
@@ -325,7 +338,7 @@ def export(
     script: bool = False,
     metadata: dict | None = None,
     outputs: Outputs | None = None,
-    text: dict | None = None,
+    text: dict | None = None, mi_head: dict | None = None,
 ) -> ExportResult:
     """Export ``model`` (in eval mode) to ``out`` and verify it; ``input_shape`` excludes the batch.
 
@@ -334,20 +347,20 @@ def export(
     is staged there, to be moved into place with the rest of a set of outputs. ``text`` (a text
     model's settings, :func:`ddtool.text.text_settings`): ONNX gets the named inputs
     input_ids, attention_mask (and token_type_ids), batch and sequence axes dynamic; the other
-    formats take the stacked (N, K, L) tensor.
+    formats take the stacked (N, K, L) tensor. ``mi_head`` (a bundle's MI head) adds the output mutual_information.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if not (math.isfinite(atol) and atol >= 0):
         raise ExportError(f"atol must be a finite number >= 0, not {atol}")
-    servable = Servable(model.eval(), select, probabilities, class_dim).eval()
+    servable = Servable(model.eval(), select, probabilities, class_dim, mi_head).eval()
     dtype = getattr(torch, input_dtype)
     inputs = parity_inputs(tuple(input_shape), dtype)
     example = inputs[1][:2]  # batch 2: a batch of 1 could be specialised away
     write = {"onnx": _export_onnx, "torchscript": _export_torchscript, "pt2": _export_pt2}[format]
     data_file = Path(str(out) + ".data") if external_data and format == "onnx" else None
     opts = {"opset": opset, "data_file": data_file, "script": script, "metadata": metadata}
-    names = ["logits", "probabilities"] if probabilities else ["logits"]
+    names = servable.names
     if text and format == "onnx" and (probabilities or external_data):
         raise UsageError("a text model's ONNX export takes neither --probabilities nor --external-data")
     if text:  # token ids within the vocabulary, with padding, rather than 0/1 values
@@ -410,10 +423,12 @@ def export_loaded(
     ref = loaded.arch_ref or {}
     if ref.get("kind") == "hf":  # how the output is made from the tokens: the pooling of a sentence model
         metadata["ddtool.head"] = {k: ref.get(k) for k in ("class", "output", "pooling", "normalize")}
+    if loaded.mi_head:  # which output is the MI head's, for a reader of the archive (ddtool predict)
+        metadata["ddtool.mi_head"] = {"output": MI_OUTPUT, "feature": loaded.mi_head["feature"], **loaded.mi_head.get("fit", {})}
     metadata = {k: v for k, v in metadata.items() if v is not None}
     if metadata.get("ddtool.classes"):
         example = parity_inputs(shape, getattr(torch, spec.get("dtype", "float32")))[0]
         check_classes(metadata["ddtool.classes"], probe(loaded.model, example, options.get("select")).shape[1])
     text = (loaded.preprocess or {}).get("text")
     return export(loaded.model, out, format, shape, input_dtype=spec.get("dtype", "float32"),
-                  metadata=metadata, text=text, **options)
+                  metadata=metadata, text=text, mi_head=loaded.mi_head, **options)

@@ -46,6 +46,7 @@ from .evaluation import EvalReport, evaluate, plot
 from .exporting import SUFFIXES, ExportResult, export_loaded
 from .files import Outputs, check_output, check_output_folder, folder_lock, json_safe, protected_inputs
 from .limits import check_distill, check_forward, require
+from .mihead import head_field, with_mi
 from .model import count_parameters, probe
 from .outputs import check_class_dim, check_classes
 from .parallel import World
@@ -199,12 +200,14 @@ class FolderResult:
     reading: str = ""  # how the data files were read
     lr: float | None = None  # the base rate used (--lr, or --lr-find's choice)
     lr_search: list[dict] = field(default_factory=list)  # with --lr-find: each rate tried and its probe fidelity
+    mi_head: dict | None = None  # with --mi-head: how the head fits (ddtool.mihead.HeadFit.as_dict)
 
     def as_dict(self) -> dict:
         return {"bundle": self.bundle, "inputs": self.inputs, "held_out": self.held_out, "skipped": self.skipped,
                 "best_epoch": self.best_epoch, "shared_prefix": self.shared_prefix, **self.compression,
                 "history": self.history, "exports": [e.as_dict() for e in self.exports], "unused": self.unused,
-                "notes": self.notes, "reading": self.reading, "lr": self.lr, "lr_search": self.lr_search}
+                "notes": self.notes, "reading": self.reading, "lr": self.lr, "lr_search": self.lr_search,
+                **({"mi_head": self.mi_head} if self.mi_head else {})}
 
 
 def _outputs(out: Path, formats, resume: bool, force: bool) -> dict[str, Any]:
@@ -317,12 +320,14 @@ def distill_to_folder(
                           "settings": config.as_dict(), "best_epoch": result.best_epoch, "lr": result.lr,
                           "lr_search": result.lr_search, **compression}
             bundle = {"arch_ref": arch_ref, "preprocess": pre.as_dict(), "classes": names, "provenance": provenance,
-                      "input_spec": input_spec(pre, train.sample(1))}
+                      "input_spec": input_spec(pre, train.sample(1)),
+                      "mi_head": head_field(result.mi_head, config.output) if result.mi_head else None}
             exports = _write_results(paths, result, bundle, export, {"arch": student_arch or arch, "trust": trust},
                                      config.output, force)
     return FolderResult(str(paths["bundle"]), len(train), held_out, train.skipped, result.best_epoch,
                         result.shared_prefix, result.history, compression, exports, _unused(train.unused),
-                        _unused(train.notes), train.reading, result.lr, result.lr_search)
+                        _unused(train.notes), train.reading, result.lr, result.lr_search,
+                        result.mi_head.as_dict() if result.mi_head else None)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -378,7 +383,8 @@ def evaluate_folder(
                           {k: v.model for k, v in students.items()}, mc_samples=mc_samples, batch_size=batch_size,
                           seed=seed, select=select, sample_drop_path=sample_drop_path, repeats=repeats, timing=timing,
                           class_dim=class_dim, classes=names, regression=kind not in (None, "logits"),
-                          ood=None if ood is None else read_folder(ood, pre, labelled=False, follow_outside=follow_outside))
+                          ood=None if ood is None else read_folder(ood, pre, labelled=False, follow_outside=follow_outside),
+                          mi_heads={k: with_mi(v.model, v.mi_head, select) for k, v in students.items() if v.mi_head})
         if plot_to is not None:
             plot(report, plot_to, force=force)
     return report
@@ -433,11 +439,11 @@ def predict_folder(
             check_output(out, force)
         predictor = load_predictor(model, arch, arch_args, trust, select, names, **preprocess)
         inputs = read_folder(data, predictor.preprocess, labelled=False, follow_outside=follow_outside)
-        rows = min(batch_size, len(inputs))
-        require(rows * inputs.x[:1].numel() * 4, f"--batch-size {batch_size} inputs", "lower --batch-size")
+        batch = min(batch_size, len(inputs))
+        require(batch * inputs.x[:1].numel() * 4, f"--batch-size {batch_size} inputs", "lower --batch-size")
         if predictor.model is not None:  # what its widest layer holds for a batch (onnxruntime: not known)
-            check_forward(predictor.model, predictor.preprocess.prepare(trim(inputs.x[:1])), rows,
-                          f"predicting {rows} inputs at a time", "lower --batch-size (or --size)")
+            check_forward(predictor.model, predictor.preprocess.prepare(trim(inputs.x[:1])), batch,
+                          f"predicting {batch} inputs at a time", "lower --batch-size (or --size)")
         rows = predict(predictor, inputs, top_k, batch_size)
         if out is not None:
             write_predictions(rows, out, force)

@@ -25,6 +25,8 @@ from .data import Inputs, Preprocess, resolve_preprocess
 from .errors import CheckpointError, DataError, ModelError, UsageError, first_line
 from .exporting import read_metadata
 from .files import display_path, is_regular_file, write_text
+from .mihead import MI_OUTPUT
+from .mihead import with_mi as mi_module
 from .outputs import check_classes, select_output
 from .text import trim
 
@@ -38,6 +40,7 @@ class Predictor:
     classes: list[str] | None
     runtime: str  # "onnxruntime" or "pytorch"
     input_spec: dict | None = None
+    with_mi: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # x -> (probs, MI head's value)
     model: torch.nn.Module | None = None  # the PyTorch model behind ``probs`` (None: onnxruntime)
 
     @property
@@ -81,13 +84,19 @@ def load_predictor(
             return {n: x[:, text["names"].index(n)].numpy() for n in names}  # the named inputs, by name
 
         def probs(x: torch.Tensor) -> torch.Tensor:
-            out = torch.from_numpy(np.asarray(session.run([wanted], feed(x))[0]))
-            return out if wanted == "probabilities" or not scores else F.softmax(out.float(), dim=1)
+            return with_mi(x)[0]
+
+        def with_mi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            got = session.run([wanted, MI_OUTPUT] if MI_OUTPUT in outputs else [wanted], feed(x))
+            out = torch.from_numpy(np.asarray(got[0]))
+            out = out if wanted == "probabilities" or not scores else F.softmax(out.float(), dim=1)
+            return out, torch.from_numpy(np.asarray(got[1])) if len(got) > 1 else None
 
         channels = (meta.get("ddtool.input") or {}).get("shape", [None])[0]
         pre = resolve_preprocess(torch.nn.Identity(), meta.get("ddtool.preprocess"),
                                  **_with_channels(preprocess_overrides, channels)).with_max_length(max_length)
-        return Predictor(probs, pre, classes or meta.get("ddtool.classes"), "onnxruntime", meta.get("ddtool.input"))
+        return Predictor(probs, pre, classes or meta.get("ddtool.classes"), "onnxruntime", meta.get("ddtool.input"),
+                         with_mi if MI_OUTPUT in outputs else None)
 
     loaded = load_model(path, arch=arch, arch_args=arch_args, trust=trust, output=select)
     if (loaded.arch_ref or {}).get("kind") == "hf":
@@ -105,7 +114,29 @@ def load_predictor(
         return F.softmax(out, dim=1) if scores else out
 
     names = classes or loaded.classes or meta.get("ddtool.classes")
-    return Predictor(probs, pre, names, "pytorch", loaded.input_spec or meta.get("ddtool.input"), model)
+    return Predictor(probs, pre, names, "pytorch", loaded.input_spec or meta.get("ddtool.input"),
+                     _torch_with_mi(loaded, meta, select), model)
+
+
+def _torch_with_mi(loaded, meta: dict, select) -> Callable | None:
+    """x -> (probabilities, MI head's value) for a bundle with an MI head (the head attached to its
+    student) or an archive exported from one (the output its ddtool.json names); else None."""
+    if loaded.mi_head:
+        both = mi_module(loaded.model, loaded.mi_head, select)
+    elif meta.get("ddtool.mi_head"):
+        model = loaded.model.eval()
+
+        def both(x):  # the archive returns (logits, [probabilities,] mutual_information)
+            out = model(x)
+            return out[0], out[-1]
+    else:
+        return None
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, mi = both(x)
+        return F.softmax(logits.float(), dim=1), mi.float()
+    return run
 
 
 def _with_channels(overrides: dict, channels) -> dict:
@@ -122,7 +153,8 @@ def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: in
     for start in range(0, len(inputs), batch_size):
         raw = trim(inputs.x[start:start + batch_size])  # (text: cut to the batch's longest input)
         try:
-            probs = predictor.probs(predictor.preprocess.prepare(raw))
+            x = predictor.preprocess.prepare(raw)
+            probs, mi = predictor.with_mi(x) if predictor.with_mi else (predictor.probs(x), None)
         except Exception as err:  # noqa: BLE001 - a model failing on the data is a user error
             raise ModelError(f"the model failed on inputs of shape {tuple(raw.shape)}: "
                              f"{first_line(err)}") from None
@@ -139,7 +171,8 @@ def predict(predictor: Predictor, inputs: Inputs, top_k: int = 5, batch_size: in
         values, indices = probs.topk(k, dim=1)
         for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
             top = [{"index": j, "class": _name(predictor.classes, j), "probability": round(v, 6)} for v, j in zip(vals, idxs)]
-            rows.append({"file": display_path(inputs.paths[start + i]), "top": top})
+            rows.append({"file": display_path(inputs.paths[start + i]), "top": top,
+                         **({MI_OUTPUT: round(float(mi[i]), 6)} if mi is not None else {})})
     return rows
 
 
@@ -174,9 +207,10 @@ def write_predictions(rows: list[dict], out: str | os.PathLike, force: bool = Fa
                 writer.writerow([r["file"]] + r["output"])
             write_text(out, buffer.getvalue(), force)
             return out
-        writer.writerow(["file"] + [f"{what}_{rank}" for rank in range(1, k + 1) for what in ("class", "probability")])
+        mi = [MI_OUTPUT] if rows and MI_OUTPUT in rows[0] else []  # a bundle with an MI head: its value last
+        writer.writerow(["file"] + [f"{what}_{rank}" for rank in range(1, k + 1) for what in ("class", "probability")] + mi)
         for r in rows:
-            writer.writerow([r["file"]] + [v for t in r["top"] for v in (t["class"], t["probability"])])
+            writer.writerow([r["file"]] + [v for t in r["top"] for v in (t["class"], t["probability"])] + [r[m] for m in mi])
         text = buffer.getvalue()
     else:
         raise UsageError(f"--out {out.name}: predictions are written as .csv or .json")

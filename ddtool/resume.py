@@ -30,9 +30,10 @@ from .files import to_bytes, write_bytes
 #: Marks a file as ddtool's resumable state (and its layout's version).
 RESUME_KEY = "ddtool_resume"
 #: Settings that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"epochs", "lr", "lr_drop_epoch", "schedule", "patience", "device", "compile"}
+RESUMABLE_CHANGES = {"epochs", "lr", "lr_drop_epoch", "schedule", "patience", "device", "compile",
+                     "mi_head"}  # (the MI head is fitted after the run: it changes nothing the state holds)
 #: Settings added after the first resumable states were written, and the value a state without them had.
-ADDED_SETTINGS = {"schedule": "step", "lr_find": False}
+ADDED_SETTINGS = {"schedule": "step", "lr_find": False, "mi_head": False}
 
 
 class Interrupted(DDToolError):
