@@ -320,6 +320,7 @@ def distill(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
     export_formats: Annotated[Optional[str], typer.Option("--export", help="Also export and verify: onnx, torchscript, pt2, comma-separated (OUT/model.onnx, ...).")] = None,
     classes: Classes = None,
+    check: Annotated[Optional[Path], typer.Option("--check", help="A labelled folder (class subfolders; labelled .jsonl for text): after distilling, measure standard dropout's and the student's error there and keep the teacher's own weights (standard dropout) if the student errs more.", readable=False)] = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None, max_length: MaxLength = None,
     follow_outside: FollowOutside = False, force: Force = False, as_json: Json = False,
@@ -340,7 +341,7 @@ def distill(
             student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args, "--student-arch-args"),
             shrink=parse_shrink(shrink), classes=classes, export=_parse_formats(export_formats) if export_formats else [],
             cache_mb=cache_mb, workers=workers, resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
-            **_preprocess(channels, size, mean, std, max_length))
+            check=check, **_preprocess(channels, size, mean, std, max_length))
     finally:
         progress.close()
     _report_distilled(result, as_json)
@@ -349,6 +350,8 @@ def distill(
 def _report_distilled(result, as_json: bool) -> None:
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
+    if result.check is not None:
+        print(result.check.line(), file=sys.stderr, flush=True)
     if as_json:
         _emit_json(result.as_dict())
         return

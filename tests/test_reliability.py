@@ -901,6 +901,56 @@ def test_resume_refuses_another_run(world, monkeypatch, case):
     assert state.read_bytes() == before and sorted(p.name for p in world.out.iterdir()) == ["resume.pt"]
 
 
+# --------------------------------------------------------------------------- distill --check
+def _check_folder(w: World, names=("0_a", "1_b", "2_c"), size: int = 8, name: str = "check") -> Path:
+    """A labelled check folder among the inputs (so that it is hashed as one): 4 images a class."""
+    for i, sub in enumerate(names):
+        write_images(w.inp / name / sub, 4, seed=20 + i, size=size)
+    return w.inp / name
+
+
+def _flat_check(w: World) -> list:
+    write_images(w.inp / "flat", 6, seed=3)
+    return ["--check", w.inp / "flat"]
+
+
+def _empty_check(w: World) -> list:
+    (w.inp / "empty").mkdir()
+    return ["--check", w.inp / "empty"]
+
+
+CHECK_CASES = {
+    "no class subfolders": (_flat_check, 5, "has no class subfolders"),
+    "an empty folder": (_empty_check, 5, "no readable inputs"),
+    "a missing folder": (lambda w: ["--check", w.inp / "nowhere"], 5, "data folder not found"),
+    "fewer class folders than outputs": (lambda w: ["--check", _check_folder(w, ("0_a", "1_b"))], 5,
+                                         "2 class folders in the data, but the model has 3 outputs"),
+    "a folder naming no class": (lambda w: ["--check", _check_folder(w, ("a", "b", "zz")), "--classes", "a,b,c"], 5,
+                                 "name no class of the model"),
+    "inputs of another shape": (lambda w: ["--check", _check_folder(w, size=16)], 8, "the model failed on inputs"),
+    "a smaller student": (lambda w: ["--check", _check_folder(w), "--student-arch", f"{TESTS / 'tiny_arch.py'}:narrow"],
+                          2, "a smaller student (--shrink, --student-arch) cannot hold"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_distill_check_refuses_a_folder_it_cannot_use_before_distilling(world, case):
+    make, code, fragment = CHECK_CASES[case]
+    result = world.expect_failure([*distill_args(world), *make(world)], code, fragment)
+    assert "epoch 1/1" not in result.stderr  # refused before the first epoch
+
+
+def test_a_resumed_run_checks_too(world, monkeypatch):
+    _kept_state(world, monkeypatch)
+    result = world.expect_success(*distill_args(world), "--check", _check_folder(world), "--resume", "--json")
+    check = json.loads(result.stdout)["check"]
+    assert check["n"] == 12 and check["kept"] in ("distilled", "standard")
+    assert f"check on 12 labelled inputs: standard {100 * check['standard_error']:.2f}% error" in result.stderr
+    from ddtool import load_model
+    assert load_model(world.out).provenance["check"] == check
+    assert sorted(p.name for p in world.out.iterdir()) == ["history.json", "model.pt"]
+
+
 # --------------------------------------------------------------------------- nothing silent: option values
 def _export_args(w: World, *extra, out=None):
     return ["export", w.ckpt, "--arch", ARCH, "--input-shape", "1,8,8", "--format", "torchscript", "--out",
