@@ -902,11 +902,20 @@ def test_resume_refuses_another_run(world, monkeypatch, case):
 
 
 # --------------------------------------------------------------------------- distill --check
-def _check_folder(w: World, names=("0_a", "1_b", "2_c"), size: int = 8, name: str = "check") -> Path:
+def _check_folder(w: World, names=("0_a", "1_b", "2_c"), name: str = "check") -> Path:
     """A labelled check folder among the inputs (so that it is hashed as one): 4 images a class."""
     for i, sub in enumerate(names):
-        write_images(w.inp / name / sub, 4, seed=20 + i, size=size)
+        write_images(w.inp / name / sub, 4, seed=20 + i)
     return w.inp / name
+
+
+def _arrays_check(w: World) -> list:
+    """Arrays are not resized as images are: (1, 5, 5) ones do not fit the 8x8 model."""
+    for i, sub in enumerate(("0_a", "1_b", "2_c")):
+        (w.inp / "arrays" / sub).mkdir(parents=True)
+        for j in range(2):
+            np.save(w.inp / "arrays" / sub / f"{j}.npy", np.full((1, 5, 5), 0.1 * (i + j), np.float32))
+    return ["--check", w.inp / "arrays"]
 
 
 def _flat_check(w: World) -> list:
@@ -921,13 +930,13 @@ def _empty_check(w: World) -> list:
 
 CHECK_CASES = {
     "no class subfolders": (_flat_check, 5, "has no class subfolders"),
-    "an empty folder": (_empty_check, 5, "no readable inputs"),
+    "an empty folder": (_empty_check, 5, "has no class subfolders"),
     "a missing folder": (lambda w: ["--check", w.inp / "nowhere"], 5, "data folder not found"),
     "fewer class folders than outputs": (lambda w: ["--check", _check_folder(w, ("0_a", "1_b"))], 5,
                                          "2 class folders in the data, but the model has 3 outputs"),
     "a folder naming no class": (lambda w: ["--check", _check_folder(w, ("a", "b", "zz")), "--classes", "a,b,c"], 5,
                                  "name no class of the model"),
-    "inputs of another shape": (lambda w: ["--check", _check_folder(w, size=16)], 8, "the model failed on inputs"),
+    "inputs of another shape": (_arrays_check, 8, "the model failed on inputs"),
     "a smaller student": (lambda w: ["--check", _check_folder(w), "--student-arch", f"{TESTS / 'tiny_arch.py'}:narrow"],
                           2, "a smaller student (--shrink, --student-arch) cannot hold"),
 }
