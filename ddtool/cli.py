@@ -108,6 +108,9 @@ HFOutput = Annotated[Optional[str], typer.Option("--output", help="Transformers 
 Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
 
 
+CheckFolder = Annotated[Optional[Path], typer.Option("--check", help="A labelled folder (class subfolders; labelled .jsonl for text): after distilling, measure standard dropout's and the student's error there, and keep the teacher's own weights (standard dropout) if the student errs more.", readable=False)]
+
+
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -319,8 +322,7 @@ def distill(
     cache_mb: Annotated[float, typer.Option(callback=_floats_in(0, 1e9), help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
     export_formats: Annotated[Optional[str], typer.Option("--export", help="Also export and verify: onnx, torchscript, pt2, comma-separated (OUT/model.onnx, ...).")] = None,
-    classes: Classes = None,
-    check: Annotated[Optional[Path], typer.Option("--check", help="A labelled folder (class subfolders; labelled .jsonl for text): after distilling, measure standard dropout's and the student's error there and keep the teacher's own weights (standard dropout) if the student errs more.", readable=False)] = None,
+    classes: Classes = None, check: CheckFolder = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None, max_length: MaxLength = None,
     follow_outside: FollowOutside = False, force: Force = False, as_json: Json = False,
