@@ -1071,6 +1071,7 @@ AREAS = {
     "A real full disk": [test_a_full_disk_is_exit_6_with_nothing_left, test_a_full_disk_at_the_bundle_keeps_the_resumable_state],
     "Interruption and resume": [test_sigint_writes_a_resumable_checkpoint_a_second_run_is_refused_and_resume_finishes,
                                 test_sigkill_during_the_final_write_loses_nothing, test_resume_refuses_another_run],
+    "A labelled check": [test_distill_check_refuses_a_folder_it_cannot_use_before_distilling, test_a_resumed_run_checks_too],
     "Option values and memory": [test_option_values_that_cannot_work, test_a_memory_estimate_refuses_what_cannot_fit],
     "Non-finite results": [test_a_model_giving_nan_is_never_a_result, test_a_student_that_went_non_finite_is_never_saved],
     "Smaller ones": [test_inspect_on_ddtools_own_torchscript_export, test_a_fifo_checkpoint_does_not_hang_and_errors_have_no_colour],
