@@ -387,18 +387,18 @@ class Check:
 
 
 def check_labels(teacher: nn.Module, inputs: Inputs, preprocess: Preprocess, select=None, class_dim: int = 1,
-                 classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prepared inputs of a labelled check folder and their labels as the teacher's class
-    indices, checked as :func:`evaluate` checks them (the model runs on them, the class folders
-    name its classes), so that a check that cannot work fails before any distillation."""
+                 classes: list[str] | None = None) -> torch.Tensor:
+    """The labels of a labelled check folder as the teacher's class indices, checked as
+    :func:`evaluate` checks them (the model runs on its inputs, the class folders name its
+    classes), so that a check that cannot work fails before any distillation."""
     require(inputs.x.numel() * 4, f"the {len(inputs):,} check inputs as floats", "use fewer check inputs or a smaller --size")
-    x = preprocess.prepare(inputs.x)
-    positions, labels = _positions_and_labels(inputs, classes, {"standard": probe(teacher, x[:2], select)}, class_dim)
+    out = probe(teacher, preprocess.prepare(inputs.x[:2]), select)
+    positions, labels = _positions_and_labels(inputs, classes, {"standard": out}, class_dim)
     if positions != 1:
         raise UsageError("--check needs one prediction per input (a classifier); this output has several positions")
     if labels is None:
         raise DataError("the check folder has no labels (class subfolders of inputs, or labelled .jsonl records)")
-    return x, labels
+    return labels
 
 
 def check_student(teacher: nn.Module, student: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,

@@ -247,8 +247,9 @@ def _check_run(loaded: LoadedModel, student, train: UnlabelledSet, pre: Preproce
 
 def _open_check(check: PathLike | None, loaded: LoadedModel, pre: Preprocess, config: DistillConfig,
                 classes: list[str] | None, compression: dict, follow_outside: bool):
-    """The labelled check folder of ``--check``, read and matched to the teacher's classes before
-    any distillation (see :func:`ddtool.evaluation.check_labels`), or None without one."""
+    """The inputs of the labelled folder ``check`` and their labels as the teacher's classes, read
+    and matched before any distillation (see :func:`ddtool.evaluation.check_labels`); None
+    without one. A smaller student, or a loss other than KL, is refused."""
     if check is None:
         return None
     if compression:
@@ -257,16 +258,18 @@ def _open_check(check: PathLike | None, loaded: LoadedModel, pre: Preprocess, co
     if config.loss != "kl":
         raise UsageError("--check compares classification errors: it needs --loss kl (a classifier)")
     inputs = read_folder(check, pre, labelled=True, follow_outside=follow_outside)
-    return check_labels(loaded.model, inputs, pre, config.output, config.class_dim, classes)
+    return inputs, check_labels(loaded.model, inputs, pre, config.output, config.class_dim, classes)
 
 
-def _checked(loaded: LoadedModel, result: DistillResult, labelled, config: DistillConfig) -> Check | None:
-    """With ``--check``: both errors on the check folder; where the student
-    errs more than standard dropout, ``result.student`` becomes a copy of the teacher's own
-    weights (the student was a copy of the teacher, so the bundle's architecture holds them)."""
+def _checked(loaded: LoadedModel, result: DistillResult, labelled, pre: Preprocess, config: DistillConfig) -> Check | None:
+    """With ``--check``: both errors on the check folder (``labelled``: its inputs and labels);
+    where the student errs more than standard dropout, ``result.student`` becomes a copy of the
+    teacher's own weights (the student was a copy of the teacher: its architecture holds them)."""
     if labelled is None:
         return None
-    found = check_student(loaded.model, result.student, *labelled, select=config.output, class_dim=config.class_dim)
+    inputs, labels = labelled
+    found = check_student(loaded.model, result.student, pre.prepare(inputs.x), labels, select=config.output,
+                          class_dim=config.class_dim)
     if found.kept == "standard":
         result.student = clone_model(loaded.model).eval()
     return found
@@ -345,7 +348,7 @@ def distill_to_folder(
                              world=world, fingerprint=_fingerprint(arch_ref, pre), keep_checkpoint=True)
             if not world.main:
                 return None  # rank 0 writes the results
-            checked = _checked(loaded, result, labelled, config)
+            checked = _checked(loaded, result, labelled, pre, config)
             held_out = 0 if val is None else len(val)
             provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
                           "teacher_format": loaded.format, "inputs": len(train), "held_out": held_out,
