@@ -364,8 +364,9 @@ def _report_distilled(result, as_json: bool) -> None:
     last, compression = result.history[-1], result.compression
     fid = f", fidelity {last['fidelity']:.4f}" if "fidelity" in last else ""
     size_note = f"; {compression['student_parameters']:,} of {compression['teacher_parameters']:,} parameters" if compression else ""
+    kept = " (the teacher's own weights: --check kept standard dropout)" if result.check and result.check.kept == "standard" else ""
     out.print(f"distilled {result.inputs} inputs x {len(result.history)} epochs; final loss {last['loss']:.4f}{fid}"
-              f"{size_note}; wrote {result.bundle}")
+              f"{size_note}; wrote {result.bundle}{kept}")
 
 
 # ----------------------------------------------------------------------------- evaluate

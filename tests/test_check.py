@@ -117,8 +117,10 @@ def test_the_command_says_which_was_kept_and_the_bundle_evaluates_as_standard_dr
     rows = _rows(setting)
     check = _label(tmp_path / "check", pool, standard, rows)
     args = ["distill", teacher, "--arch", ARCH, "--data", root / "unlabelled", "--out", tmp_path / "out",
-            "--epochs", 3, "--batch-size", 16, "--lr", 0.1, "--classes", ",".join(CLASSES), "--check", check, "--json"]
-    result = runner.invoke(app, [str(a) for a in args])
+            "--epochs", 3, "--batch-size", 16, "--lr", 0.1, "--classes", ",".join(CLASSES), "--check", check]
+    table = runner.invoke(app, [str(a) for a in args])
+    assert table.exit_code == 0 and "--check kept standard dropout" in table.stdout, table.output
+    result = runner.invoke(app, [str(a) for a in args + ["--json", "--force"]])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["check"]["kept"] == "standard" and doc["check"]["n"] == len(rows)
