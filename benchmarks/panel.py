@@ -139,12 +139,14 @@ def report(tag: str) -> str:
     checked = [(key, rs) for key, rs in groups.items() if "check" in rs[0]]
     if checked:
         lines += ["", "| teacher | variant | S | seeds | check N / test N | standard % | MC-100 % | distilled % | kept % | "
-                  "kept (per seed) | on the check set: standard % / distilled % (per seed) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "kept − standard | kept (per seed) | on the check set: standard % / distilled % (per seed) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (name, variant, s_size), rs in checked:
             on_check = "; ".join(f"{100 * r['check']['standard_error']:.2f} / {100 * r['check']['distilled_error']:.2f}" for r in rs)
             lines.append(f"| {name} | {variant} | {s_size} | {len(rs)} | {rs[0]['check_size']} / {rs[0]['test_size']} | "
                          f"{rs[0]['standard']['error']:.2f} | {rs[0]['mc100']['error']:.2f} | "
                          f"{fmt([r['distilled']['error'] for r in rs])} | {fmt([r['kept_error'] for r in rs])} | "
+                         f"{fmt([r['kept_error'] - r['standard']['error'] for r in rs], '+.2f')} | "
                          f"{', '.join(r['check']['kept'] for r in rs)} | {on_check} |")
     return "\n".join(lines)
 
