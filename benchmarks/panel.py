@@ -146,7 +146,7 @@ def report(tag: str) -> str:
             lines.append(f"| {name} | {variant} | {s_size} | {len(rs)} | {rs[0]['check_size']} / {rs[0]['test_size']} | "
                          f"{rs[0]['standard']['error']:.2f} | {rs[0]['mc100']['error']:.2f} | "
                          f"{fmt([r['distilled']['error'] for r in rs])} | {fmt([r['kept_error'] for r in rs])} | "
-                         f"{fmt([r['kept_error'] - r['standard']['error'] for r in rs], '+.2f')} | "
+                         f"{fmt([r['kept_error'] - r['standard']['error'] for r in rs])} | "
                          f"{', '.join(r['check']['kept'] for r in rs)} | {on_check} |")
     return "\n".join(lines)
 
