@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/panel.py --teachers t5 t6 t7 t8 --seeds 0 1 2 --tag test
     .venv/bin/python benchmarks/panel.py --teachers t1 t2 --seeds 0 --tag screen \\
         --variant paper:perturb=0.2,lr_drop_epoch=20 --variant cosine:schedule=cosine
+    .venv/bin/python benchmarks/panel.py --teachers t5 t9 --seeds 0 --tag check --check-size 5000
 
 Each variant is a set of ``DistillConfig`` settings over the defaults (``defaults``: none at all,
 what ``ddtool distill TEACHER --data DIR --out OUT`` runs). For each teacher, variant and seed:
@@ -21,6 +22,12 @@ the student's KL to the MC average (a low-noise measure of fidelity), and the un
 columns: misclassification AUROC (predictive entropy separating wrong from right test
 predictions) and OOD AUROC (entropy on 2,000 test images rotated by 90 degrees against the
 10,000 test images), for standard, MC and the student.
+
+With ``--check-size N`` the first N labelled test images are the check set of ``ddtool distill
+--check`` (:func:`ddtool.evaluation.check_student`): the student is kept unless its error there
+is higher than standard dropout's, else the teacher's own weights are. Every error and AUROC
+column is then measured on the other 10,000 - N test images only, and the row records the check
+(N, both errors on the check set, which model was kept) and the kept model's error.
 
 Rows are appended to benchmarks/results/panel_<tag>.json after each run (a rerun skips the rows
 it has), with the command and the machine.
@@ -44,7 +51,7 @@ import fashion_mnist  # noqa: E402  (on the path through common)
 
 from ddtool.data import Preprocess  # noqa: E402
 from ddtool.distillation import DistillConfig, distill  # noqa: E402
-from ddtool.evaluation import auroc, entropy, kl_divergence, predict_probs  # noqa: E402
+from ddtool.evaluation import auroc, check_student, entropy, kl_divergence, predict_probs  # noqa: E402
 
 PRE = Preprocess(channels=1)  # uint8 images to [0, 1], as the teachers were trained
 
@@ -69,15 +76,16 @@ def uncertainty(probs: torch.Tensor, probs_ood: torch.Tensor, labels: torch.Tens
             "auroc_ood": auroc(torch.cat([entropy(probs), entropy(probs_ood)]), torch.arange(n + m) >= n)}
 
 
-def teacher_measures(name: str, labels: torch.Tensor) -> dict:
-    """Standard and MC-100 error (%) and uncertainty of a teacher, from teachers.py's probabilities."""
+def teacher_measures(name: str, labels: torch.Tensor, start: int = 0) -> dict:
+    """Standard and MC-100 error (%) and uncertainty of a teacher, from teachers.py's probabilities
+    of the test images from ``start`` on (``labels`` are theirs)."""
     kept = torch.load(panel_teachers.TEACHERS_DIR / f"{name}_probs.pt", weights_only=True)
     out = {}
     for method, key in (("standard", "standard"), ("mc100", "mc")):
-        probs = kept[key]
+        probs = kept[key][start:]
         out[method] = {"error": 100 * (probs.argmax(1) != labels).float().mean().item(),
                        **uncertainty(probs, kept[f"{key}_ood"], labels)}
-    return out, kept["mc"]
+    return out, kept["mc"][start:]
 
 
 def mc_reference(name: str) -> list[float]:
@@ -92,25 +100,30 @@ def recovered(std: float, distilled: float, mc_errors: list[float]) -> float | N
     return (std - distilled) / gap if gap > 0 else None
 
 
-def run_one(name: str, variant: dict, seed: int, s_x: torch.Tensor, test_x, ood_x, labels) -> dict:
+def run_one(name: str, variant: dict, seed: int, s_x: torch.Tensor, test_x, ood_x, labels, check_size: int = 0) -> dict:
     teacher = panel_teachers.load(name)
-    measures, mc = teacher_measures(name, labels)
     config = DistillConfig(seed=seed, **variant)
     start = time.perf_counter()
     result = distill(teacher, s_x, PRE, config)
     seconds = time.perf_counter() - start
+    check = check_student(teacher, result.student, test_x[:check_size], labels[:check_size], 1000) if check_size else None
+    test_x, labels = test_x[check_size:], labels[check_size:]  # every column below: the images the check did not see
+    measures, mc = teacher_measures(name, labels, check_size)
     probs, _ = predict_probs(result.student, test_x, 1000)
     probs_ood, _ = predict_probs(result.student, ood_x, 1000)
     distilled = {"error": 100 * (probs.argmax(1) != labels).float().mean().item(),
                  "kl_to_mc": kl_divergence(mc, probs).mean().item(), **uncertainty(probs, probs_ood, labels)}
-    std, mc_errors = measures["standard"]["error"], mc_reference(name)
+    # the mask seeds' mean is over all 10,000 test images; with a check set, MC-100 of seed 0 on the rest
+    std, mc_errors = measures["standard"]["error"], [measures["mc100"]["error"]] if check_size else mc_reference(name)
     gap = std - sum(mc_errors) / len(mc_errors)
     return {"teacher": name, "seed": seed, "s_size": len(s_x), "settings": config.as_dict(),
             "standard": measures["standard"], "mc100": measures["mc100"], "distilled": distilled,
             "standard_kl_to_mc": kl_divergence(mc, predict_probs(teacher, test_x, 1000)[0]).mean().item(),
             "gap": gap, "mc100_errors": mc_errors, "recovered": recovered(std, distilled["error"], mc_errors),
             "lr": result.lr, "lr_search": result.lr_search, "epochs_run": len(result.history),
-            "distill_seconds": seconds}
+            "distill_seconds": seconds, "check_size": check_size, "test_size": len(labels),
+            **({"check": check.as_dict(), "kept_error": (std if check.kept == "standard" else distilled["error"])}
+               if check else {})}
 
 
 def report(tag: str) -> str:
@@ -128,7 +141,7 @@ def report(tag: str) -> str:
     lines = ["| teacher | variant | S | seeds | standard % | MC-100 % | distilled % | gap recovered | KL to MC (distilled; standard) | lr | distill s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, variant, s_size), rs in groups.items():
-        mc_errors = mc_reference(name)  # rows made before more mask seeds were measured: the same reference
+        mc_errors = [rs[0]["mc100"]["error"]] if rs[0].get("check_size") else mc_reference(name)  # (older rows too)
         rec = [100 * x for x in (recovered(r["standard"]["error"], r["distilled"]["error"], mc_errors) for r in rs) if x is not None]
         lines.append(f"| {name} | {variant} | {s_size} | {len(rs)} | {rs[0]['standard']['error']:.2f} | {fmt(mc_errors)} | "
                      f"{fmt([r['distilled']['error'] for r in rs])} | {fmt(rec, '.0f') + '%' if rec else '—'} | "
@@ -141,6 +154,18 @@ def report(tag: str) -> str:
         for key in ("auroc_error", "auroc_ood"):
             cells.append(f"{rs[0]['standard'][key]:.3f} / {rs[0]['mc100'][key]:.3f} / {fmt([r['distilled'][key] for r in rs], '.3f')}")
         lines.append(f"| {name} | {variant} | {s_size} | {cells[0]} | {cells[1]} |")
+    checked = [(key, rs) for key, rs in groups.items() if "check" in rs[0]]
+    if checked:
+        lines += ["", "| teacher | variant | S | seeds | check N / test N | standard % | MC-100 % | distilled % | kept % | "
+                  "kept − standard | kept (per seed) | on the check set: standard % / distilled % (per seed) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (name, variant, s_size), rs in checked:
+            on_check = "; ".join(f"{100 * r['check']['standard_error']:.2f} / {100 * r['check']['distilled_error']:.2f}" for r in rs)
+            lines.append(f"| {name} | {variant} | {s_size} | {len(rs)} | {rs[0]['check_size']} / {rs[0]['test_size']} | "
+                         f"{rs[0]['standard']['error']:.2f} | {rs[0]['mc100']['error']:.2f} | "
+                         f"{fmt([r['distilled']['error'] for r in rs])} | {fmt([r['kept_error'] for r in rs])} | "
+                         f"{fmt([r['kept_error'] - r['standard']['error'] for r in rs])} | "
+                         f"{', '.join(r['check']['kept'] for r in rs)} | {on_check} |")
     return "\n".join(lines)
 
 
@@ -152,6 +177,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="name:key=value,... (repeatable; default: defaults)")
     ap.add_argument("--tag", default="test", help="results go to benchmarks/results/panel_<tag>.json")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (see teachers.py)")
+    ap.add_argument("--check-size", type=int, default=0,
+                    help="the first N labelled test images are a --check set; every error on the other 10,000 - N")
     ap.add_argument("--report", action="store_true", help="print the tables of panel_<tag>.json and stop")
     args = ap.parse_args()
     if args.report:
@@ -167,19 +194,21 @@ def main() -> None:
     path = RESULTS / f"panel_{args.tag}.json"
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     doc.update({"machine": machine() + " (shared with other jobs)", "command": "benchmarks/panel.py " + " ".join(sys.argv[1:])})
-    done = {(r["teacher"], r["variant"], r["seed"], r["s_size"]) for r in doc["rows"]}
+    done = {(r["teacher"], r["variant"], r["seed"], r["s_size"], r.get("check_size", 0)) for r in doc["rows"]}
     for seed in args.seeds:  # every teacher once before any twice; a teacher's variants side by side
         for name in args.teachers:
             for vname, variant in variants:
-                if (name, vname, seed, args.s_size) in done:
+                if (name, vname, seed, args.s_size, args.check_size) in done:
                     continue
-                row = {"variant": vname, "overrides": variant, **run_one(name, variant, seed, s_x, test_x, ood_x, labels)}
+                row = {"variant": vname, "overrides": variant,
+                       **run_one(name, variant, seed, s_x, test_x, ood_x, labels, args.check_size)}
                 doc["rows"].append(row)
                 path.write_text(json.dumps(doc, indent=2) + "\n")
                 rec = "—" if row["recovered"] is None else f"{100 * row['recovered']:.0f}%"
                 print(f"{name} {vname} seed {seed} S={args.s_size}: std {row['standard']['error']:.2f} mc {row['mc100']['error']:.2f} "
                       f"distilled {row['distilled']['error']:.2f} (KL {row['distilled']['kl_to_mc']:.4f}) recovered {rec} "
-                      f"lr {row['lr']:g} {row['distill_seconds']:.0f}s", flush=True)
+                      f"lr {row['lr']:g} {row['distill_seconds']:.0f}s"
+                      + (f"; check {row['check']}, kept error {row['kept_error']:.2f}" if "check" in row else ""), flush=True)
 
 
 if __name__ == "__main__":

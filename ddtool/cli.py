@@ -108,6 +108,9 @@ HFOutput = Annotated[Optional[str], typer.Option("--output", help="Transformers 
 Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names: comma-separated, or a text file with one per line.")]
 
 
+CheckFolder = Annotated[Optional[Path], typer.Option("--check", help="A labelled folder (class subfolders; labelled .jsonl for text): after distilling, measure standard dropout's and the student's error there, and keep the teacher's own weights (standard dropout) if the student errs more.", readable=False)]
+
+
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -326,7 +329,7 @@ def distill(
     cache_mb: Annotated[float, typer.Option(callback=_floats_in(0, 1e9), help="Hold the decoded inputs in memory if they fit in this many MB; else stream them.")] = 1024,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/resume.pt.")] = False,
     export_formats: Annotated[Optional[str], typer.Option("--export", help="Also export and verify: onnx, torchscript, pt2, comma-separated (OUT/model.onnx, ...).")] = None,
-    classes: Classes = None,
+    classes: Classes = None, check: CheckFolder = None,
     trust_checkpoint: Trust = False,
     channels: Channels = None, size: Size = None, mean: Mean = None, std: Std = None, max_length: MaxLength = None,
     follow_outside: FollowOutside = False, force: Force = False, as_json: Json = False,
@@ -347,7 +350,7 @@ def distill(
             student_arch=student_arch, student_arch_args=parse_arch_args(student_arch_args, "--student-arch-args"),
             shrink=parse_shrink(shrink), classes=classes, export=_parse_formats(export_formats) if export_formats else [],
             cache_mb=cache_mb, workers=workers, resume=resume, trust=trust_checkpoint, force=force, follow_outside=follow_outside, progress=progress,
-            **_preprocess(channels, size, mean, std, max_length))
+            check=check, **_preprocess(channels, size, mean, std, max_length))
     finally:
         progress.close()
     _report_distilled(result, as_json)
@@ -356,6 +359,8 @@ def distill(
 def _report_distilled(result, as_json: bool) -> None:
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
+    if result.check is not None:
+        print(result.check.line(), file=sys.stderr, flush=True)
     if as_json:
         _emit_json(result.as_dict())
         return
@@ -366,8 +371,9 @@ def _report_distilled(result, as_json: bool) -> None:
     last, compression = result.history[-1], result.compression
     fid = f", fidelity {last['fidelity']:.4f}" if "fidelity" in last else ""
     size_note = f"; {compression['student_parameters']:,} of {compression['teacher_parameters']:,} parameters" if compression else ""
+    kept = " (the teacher's own weights: --check kept standard dropout)" if result.check and result.check.kept == "standard" else ""
     out.print(f"distilled {result.inputs} inputs x {len(result.history)} epochs; final loss {last['loss']:.4f}{fid}"
-              f"{size_note}; wrote {result.bundle}")
+              f"{size_note}; wrote {result.bundle}{kept}")
     if result.mi_head:
         out.print(f"MI head on layer {result.mi_head['feature']!r}: held-out squared error {result.mi_head['held_out_mse']:.3g} "
                   f"(a constant's: {result.mi_head['constant_mse']:.3g})")

@@ -31,6 +31,15 @@ MC-average output f_mc instead, row by row (a row is an input's embedding, or on
     MSE to MC     = mean_i mean_d (f_d(x_i) - f_mc,d(x_i))^2
     cosine to MC  = mean_i <f(x_i), f_mc(x_i)> / (|f(x_i)| |f_mc(x_i)|)   (rows with f_mc != 0)
 
+The labelled check of ``ddtool distill --check DIR`` (:func:`check_labels`, :func:`check_student`)
+compares two of these errors on a labelled folder, standard dropout's (the teacher run
+deterministically) and the distilled student's, and keeps the student unless
+
+    error(student) > error(standard)
+
+(ties keep the student): on a teacher whose MC average is worse than standard dropout, the
+student, which learns that average, is worse too, and no label-free rule can tell.
+
 Cost is measured, not estimated: latency is the median wall time of one input (batch 1; for MC
 dropout, its m masked passes stacked in one batch), throughput is inputs per second over the
 whole folder at batch 256, and parameters are counted. With ``repeats`` > 1 the MC reference is
@@ -411,6 +420,59 @@ def _mi_columns(teacher: nn.Module, heads: dict[str, nn.Module], x, ood_x, mc_sa
             entry["auroc_ood_mc"] = auroc(torch.cat([mc, mc_ood]), is_ood)
         out[name] = entry
     return out
+
+
+# --------------------------------------------------------------------------- the labelled check
+@dataclass
+class Check:
+    """Standard dropout's and the distilled student's error on the ``n`` inputs of a labelled
+    check folder, and which of the two models is kept: the student unless it errs more."""
+
+    n: int
+    standard_error: float
+    distilled_error: float
+
+    @property
+    def kept(self) -> str:
+        return "standard" if self.distilled_error > self.standard_error else "distilled"
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "standard_error": self.standard_error, "distilled_error": self.distilled_error,
+                "kept": self.kept}
+
+    def line(self) -> str:
+        """The one line that reports the check."""
+        verdict = ("kept the distilled student" if self.kept == "distilled" else
+                   "the distilled student errs more: kept the teacher's own weights (standard dropout)")
+        return (f"check on {self.n} labelled inputs: standard {100 * self.standard_error:.2f}% error, "
+                f"distilled {100 * self.distilled_error:.2f}%; {verdict}")
+
+
+def check_labels(teacher: nn.Module, inputs: Inputs, preprocess: Preprocess, select=None, class_dim: int = 1,
+                 classes: list[str] | None = None) -> torch.Tensor:
+    """The labels of a labelled check folder as the teacher's class indices, checked as
+    :func:`evaluate` checks them (the model runs on its inputs, the class folders name its
+    classes), so that a check that cannot work fails before any distillation."""
+    require(inputs.x.numel() * 4, f"the {len(inputs):,} check inputs as floats", "use fewer check inputs or a smaller --size")
+    out = probe(teacher, preprocess.prepare(inputs.x[:2]), select)
+    positions, labels = _positions_and_labels(inputs, classes, {"standard": out}, class_dim)
+    if positions != 1:
+        raise UsageError("--check needs one prediction per input (a classifier); this output has several positions")
+    if labels is None:
+        raise DataError("the check folder has no labels (class subfolders of inputs, or labelled .jsonl records)")
+    return labels
+
+
+def check_student(teacher: nn.Module, student: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                  select=None, class_dim: int = 1) -> Check:
+    """The test errors of standard dropout (``teacher`` run deterministically) and of ``student``
+    on the prepared inputs ``x`` with ``labels`` (from :func:`check_labels`)."""
+    errors = []
+    for name, model in (("standard", teacher), ("distilled", student)):
+        probs = predict_probs(model, x, batch_size, select=select, class_dim=class_dim)[0]
+        _require_finite(probs, name)
+        errors.append(int((probs.argmax(1) != labels).sum()) / len(labels))  # exact: wrong / n
+    return Check(len(labels), *errors)
 
 
 def plot(report: EvalReport, path, force: bool = False) -> None:

@@ -42,12 +42,12 @@ from .data import Preprocess, UnlabelledSet, example_input, input_spec, open_dis
 from .distillation import DistillConfig, DistillResult, distill, resolve_device
 from .dropout import DropoutSite, find_dropout, require_dropout
 from .errors import DataError, NoDropoutError, OutputError, UsageError
-from .evaluation import EvalReport, evaluate, plot
+from .evaluation import Check, EvalReport, check_labels, check_student, evaluate, plot
 from .exporting import SUFFIXES, ExportResult, export_loaded
 from .files import Outputs, check_output, check_output_folder, folder_lock, json_safe, protected_inputs
 from .limits import check_distill, check_forward, require
 from .mihead import head_field, with_mi
-from .model import count_parameters, probe
+from .model import clone_model, count_parameters, probe
 from .outputs import check_class_dim, check_classes
 from .parallel import World
 from .predict import load_predictor, parse_classes, predict, write_predictions
@@ -201,12 +201,14 @@ class FolderResult:
     lr: float | None = None  # the base rate used (--lr, or --lr-find's choice)
     lr_search: list[dict] = field(default_factory=list)  # with --lr-find: each rate tried and its probe fidelity
     mi_head: dict | None = None  # with --mi-head: how the head fits (ddtool.mihead.HeadFit.as_dict)
+    check: Check | None = None  # with --check: both errors on the labelled folder and which model was kept
 
     def as_dict(self) -> dict:
         return {"bundle": self.bundle, "inputs": self.inputs, "held_out": self.held_out, "skipped": self.skipped,
                 "best_epoch": self.best_epoch, "shared_prefix": self.shared_prefix, **self.compression,
                 "history": self.history, "exports": [e.as_dict() for e in self.exports], "unused": self.unused,
                 "notes": self.notes, "reading": self.reading, "lr": self.lr, "lr_search": self.lr_search,
+                "check": None if self.check is None else self.check.as_dict(),
                 **({"mi_head": self.mi_head} if self.mi_head else {})}
 
 
@@ -247,6 +249,39 @@ def _check_run(loaded: LoadedModel, student, train: UnlabelledSet, pre: Preproce
         check_classes(classes, out.shape[config.class_dim])
 
 
+def _open_check(check: PathLike | None, loaded: LoadedModel, pre: Preprocess, config: DistillConfig,
+                classes: list[str] | None, compression: dict, follow_outside: bool):
+    """The inputs of the labelled folder ``check`` and their labels as the teacher's classes, read
+    and matched before any distillation (see :func:`ddtool.evaluation.check_labels`); None
+    without one. A smaller student, a loss other than KL, or an MI head, is refused."""
+    if check is None:
+        return None
+    if compression:
+        raise UsageError("--check falls back to the teacher's own weights, which a smaller student (--shrink, "
+                         "--student-arch) cannot hold: distill without --check and compare with ddtool evaluate")
+    if config.loss != "kl":
+        raise UsageError("--check compares classification errors: it needs --loss kl (a classifier)")
+    if config.mi_head:
+        raise UsageError("--check with --mi-head: the head is fitted to the distilled student's features, which a "
+                         "fallback to the teacher's own weights would not keep; use one of the two")
+    inputs = read_folder(check, pre, labelled=True, follow_outside=follow_outside)
+    return inputs, check_labels(loaded.model, inputs, pre, config.output, config.class_dim, classes)
+
+
+def _checked(loaded: LoadedModel, result: DistillResult, labelled, pre: Preprocess, config: DistillConfig) -> Check | None:
+    """With ``--check``: both errors on the check folder (``labelled``: its inputs and labels);
+    where the student errs more than standard dropout, ``result.student`` becomes a copy of the
+    teacher's own weights (the student was a copy of the teacher: its architecture holds them)."""
+    if labelled is None:
+        return None
+    inputs, labels = labelled
+    found = check_student(loaded.model, result.student, pre.prepare(inputs.x), labels, select=config.output,
+                          class_dim=config.class_dim)
+    if found.kept == "standard":
+        result.student = clone_model(loaded.model).eval()
+    return found
+
+
 def _fingerprint(arch_ref: dict, pre: Preprocess) -> dict:
     """What, besides the teacher and the inputs, makes a resumed run the same run: the student's
     architecture (its reference without archive bytes or absolute paths) and the preprocessing."""
@@ -274,13 +309,27 @@ def _write_results(paths: dict, result: DistillResult, bundle: dict, formats, re
     return exports
 
 
+def _bundle(checkpoint, loaded: LoadedModel, result: DistillResult, config: DistillConfig, pre: Preprocess, train,
+            held_out: int, arch_ref: dict, names, compression: dict, checked: Check | None) -> dict:
+    """The bundle's fields besides the weights: architecture, preprocessing, classes, provenance."""
+    provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
+                  "teacher_format": loaded.format, "inputs": len(train), "held_out": held_out,
+                  "settings": config.as_dict(), "best_epoch": result.best_epoch, "lr": result.lr,
+                  "lr_search": result.lr_search, **compression,
+                  **({"check": checked.as_dict()} if checked else {})}
+    return {"arch_ref": arch_ref, "preprocess": pre.as_dict(), "classes": names, "provenance": provenance,
+            "input_spec": input_spec(pre, train.sample(1)),
+            "mi_head": head_field(result.mi_head, config.output) if result.mi_head else None}
+
+
 def distill_to_folder(
     checkpoint: PathLike, data: PathLike, out: PathLike, config: DistillConfig | None = None, *,
     arch: str | None = None, arch_args: dict | None = None,
     student_arch: str | None = None, student_arch_args: dict | None = None, shrink: dict[str, float] | None = None,
     classes: list[str] | str | None = None, export: list[str] = (), cache_mb: float = 1024, workers: int | None = None,
     resume: bool = False, trust: bool = False, force: bool = False, follow_outside: bool = False,
-    progress: Callable[[dict], None] | None = None, world: World | None = None, **preprocess,
+    progress: Callable[[dict], None] | None = None, world: World | None = None, check: PathLike | None = None,
+    **preprocess,
 ) -> FolderResult | None:
     """Distill ``checkpoint`` on the inputs of the folder ``data`` into ``out``: what ``ddtool distill`` does.
 
@@ -288,7 +337,10 @@ def distill_to_folder(
     provenance, and a code-free program of the student), ``history.json``, the ``export`` formats
     (each verified against PyTorch) and, while running, ``resume.pt`` (continued with
     ``resume=True``; it stays until the results are in place). The student is a copy of the
-    teacher, ``shrink`` ({layer: fraction kept}) of it, or ``student_arch``. ``classes`` are
+    teacher, ``shrink`` ({layer: fraction kept}) of it, or ``student_arch``. ``check``, a labelled
+    folder, is read before distilling and measured after it: where the student errs more there
+    than standard dropout, the bundle holds the teacher's own weights instead (see
+    :func:`ddtool.evaluation.check_student`; not with a smaller student). ``classes`` are
     names or ``--classes`` text; ``preprocess`` holds channels, size (H, W), mean and std
     overrides. Under torchrun (``world``, read from the environment by default) every rank
     calls this; rank 0 locks ``out``, writes, reports ``progress`` and gets the result, the
@@ -296,7 +348,8 @@ def distill_to_folder(
     """
     config, out, world = config or DistillConfig(), Path(out), world or parallel.from_environment()
     names, names_file = _class_names(classes)
-    with protected_inputs(_model_file(checkpoint), data, _arch_file(arch), _arch_file(student_arch), names_file):
+    with protected_inputs(_model_file(checkpoint), data, _arch_file(arch), _arch_file(student_arch), names_file,
+                          *([check] if check is not None else [])):
         paths = _outputs(out, export, resume, force)
         if student_arch and shrink:
             raise UsageError("--student-arch and --shrink are two ways to a smaller student: choose one")
@@ -309,25 +362,21 @@ def distill_to_folder(
                                            follow_outside=follow_outside)
             student, arch_ref, compression = _student(loaded, student_arch, student_arch_args, shrink)
             _check_run(loaded, student, train, pre, config, world, names)
+            labelled = _open_check(check, loaded, pre, config, names, compression, follow_outside)
             result = distill(loaded.model, train, pre, config, progress if world.main else None, val=val,
                              student=student, checkpoint=paths["resume"], resume=resume, teacher_sha256=loaded.sha256,
                              world=world, fingerprint=_fingerprint(arch_ref, pre), keep_checkpoint=True)
             if not world.main:
                 return None  # rank 0 writes the results
+            checked = _checked(loaded, result, labelled, pre, config)
             held_out = 0 if val is None else len(val)
-            provenance = {"teacher": Path(checkpoint).name, "teacher_sha256": loaded.sha256,
-                          "teacher_format": loaded.format, "inputs": len(train), "held_out": held_out,
-                          "settings": config.as_dict(), "best_epoch": result.best_epoch, "lr": result.lr,
-                          "lr_search": result.lr_search, **compression}
-            bundle = {"arch_ref": arch_ref, "preprocess": pre.as_dict(), "classes": names, "provenance": provenance,
-                      "input_spec": input_spec(pre, train.sample(1)),
-                      "mi_head": head_field(result.mi_head, config.output) if result.mi_head else None}
+            bundle = _bundle(checkpoint, loaded, result, config, pre, train, held_out, arch_ref, names, compression, checked)
             exports = _write_results(paths, result, bundle, export, {"arch": student_arch or arch, "trust": trust},
                                      config.output, force)
     return FolderResult(str(paths["bundle"]), len(train), held_out, train.skipped, result.best_epoch,
                         result.shared_prefix, result.history, compression, exports, _unused(train.unused),
                         _unused(train.notes), train.reading, result.lr, result.lr_search,
-                        result.mi_head.as_dict() if result.mi_head else None)
+                        result.mi_head.as_dict() if result.mi_head else None, checked)
 
 
 # --------------------------------------------------------------------------- evaluate

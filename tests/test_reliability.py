@@ -901,6 +901,66 @@ def test_resume_refuses_another_run(world, monkeypatch, case):
     assert state.read_bytes() == before and sorted(p.name for p in world.out.iterdir()) == ["resume.pt"]
 
 
+# --------------------------------------------------------------------------- distill --check
+def _check_folder(w: World, names=("0_a", "1_b", "2_c"), name: str = "check") -> Path:
+    """A labelled check folder among the inputs (so that it is hashed as one): 4 images a class."""
+    for i, sub in enumerate(names):
+        write_images(w.inp / name / sub, 4, seed=20 + i)
+    return w.inp / name
+
+
+def _arrays_check(w: World) -> list:
+    """Arrays are not resized as images are: (1, 5, 5) ones do not fit the 8x8 model."""
+    for i, sub in enumerate(("0_a", "1_b", "2_c")):
+        (w.inp / "arrays" / sub).mkdir(parents=True)
+        for j in range(2):
+            np.save(w.inp / "arrays" / sub / f"{j}.npy", np.full((1, 5, 5), 0.1 * (i + j), np.float32))
+    return ["--check", w.inp / "arrays"]
+
+
+def _flat_check(w: World) -> list:
+    write_images(w.inp / "flat", 6, seed=3)
+    return ["--check", w.inp / "flat"]
+
+
+def _empty_check(w: World) -> list:
+    (w.inp / "empty").mkdir()
+    return ["--check", w.inp / "empty"]
+
+
+CHECK_CASES = {
+    "no class subfolders": (_flat_check, 5, "has no class subfolders"),
+    "an empty folder": (_empty_check, 5, "has no class subfolders"),
+    "a missing folder": (lambda w: ["--check", w.inp / "nowhere"], 5, "data folder not found"),
+    "fewer class folders than outputs": (lambda w: ["--check", _check_folder(w, ("0_a", "1_b"))], 5,
+                                         "2 class folders in the data, but the model has 3 outputs"),
+    "a folder naming no class": (lambda w: ["--check", _check_folder(w, ("a", "b", "zz")), "--classes", "a,b,c"], 5,
+                                 "name no class of the model"),
+    "inputs of another shape": (_arrays_check, 8, "the model failed on inputs"),
+    "a smaller student": (lambda w: ["--check", _check_folder(w), "--student-arch", f"{TESTS / 'tiny_arch.py'}:narrow"],
+                          2, "a smaller student (--shrink, --student-arch) cannot hold"),
+    "an MI head": (lambda w: ["--check", _check_folder(w), "--mi-head"], 2, "--check with --mi-head"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_distill_check_refuses_a_folder_it_cannot_use_before_distilling(world, case):
+    make, code, fragment = CHECK_CASES[case]
+    result = world.expect_failure([*distill_args(world), *make(world)], code, fragment)
+    assert "epoch 1/1" not in result.stderr  # refused before the first epoch
+
+
+def test_a_resumed_run_checks_too(world, monkeypatch):
+    _kept_state(world, monkeypatch)
+    result = world.expect_success(*distill_args(world), "--check", _check_folder(world), "--resume", "--json")
+    check = json.loads(result.stdout)["check"]
+    assert check["n"] == 12 and check["kept"] in ("distilled", "standard")
+    assert f"check on 12 labelled inputs: standard {100 * check['standard_error']:.2f}% error" in result.stderr
+    from ddtool import load_model
+    assert load_model(world.out).provenance["check"] == check
+    assert sorted(p.name for p in world.out.iterdir()) == ["history.json", "model.pt"]
+
+
 # --------------------------------------------------------------------------- nothing silent: option values
 def _export_args(w: World, *extra, out=None):
     return ["export", w.ckpt, "--arch", ARCH, "--input-shape", "1,8,8", "--format", "torchscript", "--out",
@@ -1028,6 +1088,7 @@ AREAS = {
     "A real full disk": [test_a_full_disk_is_exit_6_with_nothing_left, test_a_full_disk_at_the_bundle_keeps_the_resumable_state],
     "Interruption and resume": [test_sigint_writes_a_resumable_checkpoint_a_second_run_is_refused_and_resume_finishes,
                                 test_sigkill_during_the_final_write_loses_nothing, test_resume_refuses_another_run],
+    "A labelled check": [test_distill_check_refuses_a_folder_it_cannot_use_before_distilling, test_a_resumed_run_checks_too],
     "Option values and memory": [test_option_values_that_cannot_work, test_a_memory_estimate_refuses_what_cannot_fit,
                                  test_a_forward_pass_that_cannot_fit_is_refused_before_it_runs],
     "Non-finite results": [test_a_model_giving_nan_is_never_a_result, test_a_student_that_went_non_finite_is_never_saved],

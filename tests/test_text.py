@@ -219,3 +219,14 @@ def test_unreadable_jsonl_lines_are_counted_and_too_many_refused(folders, tmp_pa
     (tmp_path / "d" / "b.jsonl").write_text('{"no_text": 1}\n' * 5)
     with pytest.raises(DataError, match="unreadable"):
         read_folder(tmp_path / "d", pre, labelled=False)
+
+
+def test_a_labelled_jsonl_folder_checks_a_text_student(folders, tmp_path):
+    """``distill --check`` reads labelled .jsonl records as ``evaluate --data`` does."""
+    result = cli("distill", folders["clf"], "--data", folders["data"], "--out", tmp_path / "d", *DISTILL,
+                 "--check", folders["val"], "--json")
+    check = json.loads(result.stdout)["check"]
+    assert check["n"] == 30 and check["kept"] == ("standard" if check["distilled_error"] > check["standard_error"]
+                                                  else "distilled")
+    assert f"check on 30 labelled inputs: standard {100 * check['standard_error']:.2f}% error" in result.stderr
+    assert load_model(tmp_path / "d").provenance["check"] == check
