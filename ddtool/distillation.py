@@ -450,17 +450,9 @@ def _try_lr(run: _Run, lr: float, steps: list[torch.Tensor], probe_x: torch.Tens
     cuda = [run.device.index or 0] if run.device.type == "cuda" else []  # (on CUDA the masks come from its generator)
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(config.seed + 2)  # the same masks for every candidate, and the run's stream untouched
-        for idx in steps:
-            x = run.inputs(torch.cat(list(run.data.batches(idx, len(idx)))))
-            with run.autocast():
-                target = run.target(x)
-                out = select_output(run.student(x), config.output)
-            loss = run.loss(out, target)
-            if not torch.isfinite(loss):
+        for idx in steps:  # (the plain student: no DDP all-reduce; a NaN step is undone by find_lr's restore)
+            if not torch.isfinite(_step(run, torch.cat(list(run.data.batches(idx, len(idx)))), run.student, opt)):
                 return math.inf
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
     fidelity = _fidelity(run, probe_x, ref)
     return fidelity if math.isfinite(fidelity) else math.inf
 
@@ -747,16 +739,19 @@ def _loop(run: _Run, state: RunState, progress, checkpoint: Path | None, fingerp
     return state
 
 
-def _step(run: _Run, raw: torch.Tensor) -> torch.Tensor:
-    """One SGD step of Algorithm 2 on a raw batch; its batch-mean loss, left on the device."""
+def _step(run: _Run, raw: torch.Tensor, student: nn.Module | None = None, opt=None) -> torch.Tensor:
+    """One SGD step of Algorithm 2 on a raw batch; its batch-mean loss, left on the device.
+    ``student``/``opt`` default to the run's (the range test passes its own)."""
+    student = run.trained if student is None else student
+    opt = run.opt if opt is None else opt
     x = run.inputs(raw)  # line 6: a batch x_pi from S, perturbed
     with run.autocast():
         target = run.target(x)  # line 7: fresh gates sigma for the frozen teacher, K per input
-        out = select_output(run.trained(x), run.config.output)  # the deterministic student q(x)
+        out = select_output(student(x), run.config.output)  # the deterministic student q(x)
     loss = run.loss(out, target)  # line 9: l(f_sigma(x), q(x)), the batch mean
-    run.opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     loss.backward()
-    run.opt.step()  # line 9: Omega <- Omega - eta_t * gradient
+    opt.step()  # line 9: Omega <- Omega - eta_t * gradient
     return loss.detach()
 
 
