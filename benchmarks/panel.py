@@ -88,9 +88,13 @@ def teacher_measures(name: str, labels: torch.Tensor, start: int = 0) -> dict:
     return out, kept["mc"][start:]
 
 
-def mc_reference(name: str) -> list[float]:
+def mc_reference(name: str, row_mc_error: float, check_size: int = 0) -> list[float]:
     """The teacher's MC-100 test errors (%), one per mask seed teachers.py measured: the gap's
-    reference is their mean (``teachers.py --mc-seeds N``; one seed = MC-100 of mask seed 0)."""
+    reference is their mean (``teachers.py --mc-seeds N``; one seed = MC-100 of mask seed 0).
+    Those are over all 10,000 test images; with a check set, the row's own MC-100 error (mask
+    seed 0, on the images the check did not see) is the reference."""
+    if check_size:
+        return [row_mc_error]
     return json.loads((RESULTS / "teachers.json").read_text())["teachers"][name]["mc100"]
 
 
@@ -113,8 +117,7 @@ def run_one(name: str, variant: dict, seed: int, s_x: torch.Tensor, test_x, ood_
     probs_ood, _ = predict_probs(result.student, ood_x, 1000)
     distilled = {"error": 100 * (probs.argmax(1) != labels).float().mean().item(),
                  "kl_to_mc": kl_divergence(mc, probs).mean().item(), **uncertainty(probs, probs_ood, labels)}
-    # the mask seeds' mean is over all 10,000 test images; with a check set, MC-100 of seed 0 on the rest
-    std, mc_errors = measures["standard"]["error"], [measures["mc100"]["error"]] if check_size else mc_reference(name)
+    std, mc_errors = measures["standard"]["error"], mc_reference(name, measures["mc100"]["error"], check_size)
     gap = std - sum(mc_errors) / len(mc_errors)
     return {"teacher": name, "seed": seed, "s_size": len(s_x), "settings": config.as_dict(),
             "standard": measures["standard"], "mc100": measures["mc100"], "distilled": distilled,
@@ -141,7 +144,7 @@ def report(tag: str) -> str:
     lines = ["| teacher | variant | S | seeds | standard % | MC-100 % | distilled % | gap recovered | KL to MC (distilled; standard) | lr | distill s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, variant, s_size), rs in groups.items():
-        mc_errors = [rs[0]["mc100"]["error"]] if rs[0].get("check_size") else mc_reference(name)  # (older rows too)
+        mc_errors = mc_reference(name, rs[0]["mc100"]["error"], rs[0].get("check_size", 0))  # (older rows too)
         rec = [100 * x for x in (recovered(r["standard"]["error"], r["distilled"]["error"], mc_errors) for r in rs) if x is not None]
         lines.append(f"| {name} | {variant} | {s_size} | {len(rs)} | {rs[0]['standard']['error']:.2f} | {fmt(mc_errors)} | "
                      f"{fmt([r['distilled']['error'] for r in rs])} | {fmt(rec, '.0f') + '%' if rec else '—'} | "
